@@ -1,0 +1,75 @@
+# overlayfs-py: developer entry points.
+#
+#   make demo     mount the example layer stack and run real programs on it
+#   make test     the whole test suite (needs root and /dev/fuse for the mount tests)
+#   make bench    benchmarks (BENCH_ARGS=... passed through); make bench-quick
+#   make clean
+#
+# Every target that needs the program depends on `setup`, which is idempotent:
+# it installs the system packages only when something is missing, and re-installs
+# the Python package only when pyproject.toml is newer than the venv's stamp.
+
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed-stamp
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+# Run apt-get through sudo only when we are not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fuse-overlayfs attr rsync sqlite3 git strace
+
+.PHONY: setup system-deps kernel-modules test demo bench bench-quick clean
+
+setup: system-deps kernel-modules $(STAMP)
+
+# System packages: only touch apt when one of the things we need is missing.
+system-deps:
+	@missing=""; \
+	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync; do \
+	    command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; \
+	done; \
+	if command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists fuse3; then \
+	    missing="$$missing libfuse3-dev"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+	    echo "setup: missing:$$missing -> installing system packages"; \
+	    $(SUDO) apt-get update && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
+	fi
+
+# Best effort: the modules may be built in, or we may not be allowed to load them.
+kernel-modules:
+	@-$(SUDO) modprobe fuse >/dev/null 2>&1 || true
+	@-$(SUDO) modprobe overlay >/dev/null 2>&1 || true
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q $(PYTEST_ARGS) tests/
+
+demo: setup
+	bash examples/demo.sh
+
+bench: setup
+	$(VPY) benchmarks/bench.py $(BENCH_ARGS)
+
+bench-quick: setup
+	$(VPY) benchmarks/bench.py --quick $(BENCH_ARGS)
+
+clean:
+	@# Never remove a tree that is still mounted somewhere below it.
+	@if [ -d examples/.run ] && grep -q " $$(realpath examples/.run)" /proc/mounts; then \
+	    echo "clean: something is still mounted under examples/.run; unmount it first" >&2; exit 1; \
+	fi
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis examples/.run
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
