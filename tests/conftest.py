@@ -1,0 +1,178 @@
+"""Shared fixtures for the mount-level tests.
+
+Fixtures (all factories, all cleaned up on teardown even when the test fails):
+
+``make_layers(*specs, upper=None) -> Stack``
+    Build a stack from layer specs given top layer first (see ``layerkit.make_layer``).
+    ``upper`` may be None (read-only stack), ``True`` (an empty upper dir) or a spec dict.
+    Each call gets its own directory, with ``work`` and a mount point ready.
+
+``mounted(stack, options=(), prog=None) -> layerkit.FuseMount``
+    Mount ``stack`` with our filesystem (or ``prog`` / ``$OVL_TEST_PROG``); ``.path`` is the
+    mount point. On teardown the daemon is unmounted and must exit 0.
+
+``kernel_mount(stack, convert=True, options=()) -> Path``
+    Mount the same stack with the kernel overlay. With ``convert`` the layers are copied
+    and their OCI markers rewritten into the kernel format first (the kernel does not read
+    ``.wh.*`` files); the upper, if any, is copied too so that the FUSE mount's upper
+    stays untouched.
+
+Tests that use ``mounted`` are skipped (not failed) without root or /dev/fuse; tests that
+use ``kernel_mount`` are skipped without the kernel overlay driver. Both get the ``mount``
+/ ``kernel`` markers automatically. At the end of the session, any mount left under the
+pytest temporary directory is reported (and the run fails), then lazily unmounted.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import layerkit  # noqa: E402
+
+_BASETEMP: List[Path] = []
+
+
+@dataclasses.dataclass
+class Stack:
+    root: Path                 # directory holding everything of this stack
+    lowers: List[Path]         # top layer first
+    upper: Optional[Path]
+    work: Optional[Path]
+    mnt: Path                  # an empty directory to mount on
+
+    @property
+    def layers(self) -> List[Path]:
+        """All layers, top first (the upper, if any, then the lowers)."""
+        return ([self.upper] if self.upper is not None else []) + list(self.lowers)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "mounted" in names:
+            item.add_marker(pytest.mark.mount)
+        if "kernel_mount" in names:
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_basetemp(tmp_path_factory):
+    _BASETEMP.append(tmp_path_factory.getbasetemp())
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers = []
+    for base in _BASETEMP:
+        leftovers += layerkit.mounts_under(base)
+    if not leftovers:
+        return
+    for mp in leftovers:
+        layerkit.unmount_quietly(mp)
+    msg = "mounts left behind by the tests (now lazily unmounted):\n  " + "\n  ".join(leftovers)
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line("ERROR: " + msg, red=True)
+    else:
+        print("ERROR: " + msg, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def require_fuse() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mount tests need root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    if not layerkit.fuse_available():
+        pytest.skip("fusermount3 not installed")
+
+
+def require_kernel_overlay() -> None:
+    if not layerkit.kernel_overlay_available():
+        pytest.skip("kernel overlay not available (needs root and the overlay module)")
+
+
+@pytest.fixture
+def make_layers(tmp_path):
+    counter = [0]
+
+    def make(*specs, upper=None) -> Stack:
+        counter[0] += 1
+        root = tmp_path / f"stack{counter[0]}"
+        root.mkdir()
+        lowers = [layerkit.make_layer(root / f"lower{i}", spec or {})
+                  for i, spec in enumerate(specs)]
+        up = work = None
+        if upper is not None:
+            up = layerkit.make_layer(root / "upper", {} if upper is True else upper)
+            work = root / "work"
+            work.mkdir()
+        mnt = root / "mnt"
+        mnt.mkdir()
+        return Stack(root, lowers, up, work, mnt)
+
+    return make
+
+
+@pytest.fixture
+def mounted():
+    exits = contextlib.ExitStack()
+    counter = [0]
+
+    def mount(stack: Stack, options=(), prog=None, mnt=None, **kw) -> layerkit.FuseMount:
+        require_fuse()
+        counter[0] += 1
+        if mnt is None:
+            mnt = stack.mnt if counter[0] == 1 else stack.root / f"mnt{counter[0]}"
+        Path(mnt).mkdir(exist_ok=True)
+        return exits.enter_context(layerkit.fuse_mount(
+            prog, stack.lowers, stack.upper, stack.work, mnt, options, **kw))
+
+    try:
+        yield mount
+    finally:
+        exits.close()
+
+
+@pytest.fixture
+def kernel_mount():
+    exits = contextlib.ExitStack()
+    counter = [0]
+
+    def mount(stack: Stack, convert: bool = True, options=()) -> Path:
+        require_kernel_overlay()
+        counter[0] += 1
+        kroot = stack.root / f"kernel{counter[0]}"
+        kroot.mkdir()
+        if convert:
+            lowers = []
+            for i, layer in enumerate(stack.lowers):
+                dst = layerkit.copy_tree(layer, kroot / f"lower{i}")
+                layerkit.to_kernel_format(dst)
+                lowers.append(dst)
+            upper = work = None
+            if stack.upper is not None:
+                upper = layerkit.copy_tree(stack.upper, kroot / "upper")
+                layerkit.to_kernel_format(upper)
+                work = kroot / "work"
+                work.mkdir()
+        else:
+            lowers, upper, work = stack.lowers, stack.upper, stack.work
+        mnt = kroot / "mnt"
+        mnt.mkdir()
+        exits.enter_context(layerkit.kernel_overlay(lowers, upper, work, mnt=mnt,
+                                                    options=options))
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        exits.close()
