@@ -382,6 +382,8 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
                           "(expected [SOURCE] MOUNTPOINT)")
     source = positionals[0] if len(positionals) == 2 else None
     mountpoint_arg = positionals[-1]
+    if mountpoint_arg == "":
+        raise ConfigError("the mountpoint argument is empty")
 
     kw: Dict[str, object] = {}
     fuse_flags: Dict[str, str] = {}      # group -> flag (last wins)

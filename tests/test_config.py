@@ -422,6 +422,7 @@ def test_unknown_option_message_exact(d):
     (["-x", "-o", "lowerdir=/x", "m"], "unknown command-line option '-x'"),
     (["--frobnicate", "m"], "unknown command-line option '--frobnicate'"),
     (["m", "-o"], "option -o needs an argument"),
+    (["-o", "lowerdir=/x", ""], "the mountpoint argument is empty"),
 ])
 def test_bad_argv(argv, needle):
     assert needle in err(argv, check=False)
@@ -645,3 +646,16 @@ def test_errors_are_single_lines_with_newline_free_input(d):
     # the first missing lower is named, not a later one
     msg = err(["-o", f"lowerdir={d.root}/first:{d.root}/second", d.m])
     assert "first" in msg and "second" not in msg
+
+
+def test_exact_mount_fuse3_line(d):
+    # What mount.fuse3 (libfuse 3.14) really runs for
+    #   mount -t fuse.overlayfs-py overlay M -o lowerdir=A:B,dev,suid,noatime,nofail,x-foo=1,rw
+    # as root: it drops nofail, keeps x-*, and appends dev,suid.
+    cfg = parse_argv(["overlay", d.m, "-o",
+                      f"lowerdir={d.a}:{d.b},dev,suid,noatime,x-foo=1,rw,dev,suid"])
+    assert cfg.source == "overlay" and cfg.lowers == (d.a, d.b) and cfg.read_only
+    assert set(cfg.extra_fuse_options) == {"dev", "suid", "noatime", "ro"}
+    cfg = parse_argv(["overlay", d.m, "-o",
+                      f"ro,lowerdir={d.a},upperdir={d.u},workdir={d.w},dev,suid"])
+    assert cfg.read_only and cfg.upper == d.u
