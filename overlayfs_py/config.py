@@ -24,7 +24,9 @@ import stat
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-IdMap = Tuple[Tuple[int, int, int], ...]   # (id inside the mount, id in the layers, length)
+# One triple per range, in fuse-overlayfs order: (id in the layers, id shown in the mount, length);
+# e.g. uidmapping=0:1000:1 shows files owned by uid 0 in the layers as owned by uid 1000.
+IdMap = Tuple[Tuple[int, int, int], ...]
 
 MAX_LOWERS = 500            # the kernel's OVL_MAX_STACK
 PROG = "overlayfs-py"
@@ -48,7 +50,8 @@ Overlay options:
   volatile         never fsync the upper layer (same as fsync=0)
   fsync=0|1        forward fsync to the upper layer (default 1)
   userxattr        use user.overlay.* instead of trusted.overlay.* xattrs
-  uidmapping=IN:OUT:LEN[:IN:OUT:LEN...], gidmapping=...   id mapping (as fuse-overlayfs)
+  uidmapping=LAYER:MOUNT:LEN[:LAYER:MOUNT:LEN...], gidmapping=...
+                   id mapping, as fuse-overlayfs (layer id LAYER+i appears as MOUNT+i)
   metacopy=on|off, redirect_dir=off|nofollow, index=off, xino=off|auto
 Caching options:
   timeout=SECONDS  kernel entry/attribute cache timeout (default 86400)
@@ -225,16 +228,16 @@ def parse_lowerdir(value: Optional[str]) -> List[str]:
 
 
 def parse_idmap(key: str, value: Optional[str]) -> IdMap:
-    """'0:100000:65536[:IN:OUT:LEN...]' (an optional leading ':') -> ((0, 100000, 65536), ...)."""
+    """'0:100000:65536[:LAYER:MOUNT:LEN...]' (optional leading ':') -> ((0, 100000, 65536), ...)."""
     if not value:
-        raise ConfigError(f"{key}= is empty (expected INSIDE:OUTSIDE:LENGTH)")
+        raise ConfigError(f"{key}= is empty (expected LAYER:MOUNT:LENGTH)")
     text = value[1:] if value.startswith(":") else value
     fields = text.split(":")
     if len(fields) % 3 != 0 or any(f == "" for f in fields):
-        raise ConfigError(f"bad {key} '{value}': expected INSIDE:OUTSIDE:LENGTH triples")
+        raise ConfigError(f"bad {key} '{value}': expected LAYER:MOUNT:LENGTH triples")
     nums = []
     for f in fields:
-        if not f.isdigit():
+        if not (f.isascii() and f.isdigit()):
             raise ConfigError(f"bad {key} '{value}': '{f}' is not a non-negative integer")
         nums.append(int(f))
     triples = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
@@ -244,7 +247,7 @@ def parse_idmap(key: str, value: Optional[str]) -> IdMap:
             raise ConfigError(f"bad {key} '{value}': a range has length 0")
         if inside + length > limit or outside + length > limit:
             raise ConfigError(f"bad {key} '{value}': range exceeds 32-bit ids")
-    for side, name in ((0, "inside"), (1, "outside")):
+    for side, name in ((0, "layer-id"), (1, "mount-id")):
         spans = sorted((t[side], t[side] + t[2]) for t in triples)
         for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
             if b0 < a1:

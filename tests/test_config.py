@@ -98,10 +98,11 @@ def test_parse_idmap_ok(text, expected):
     ("0::1", "triples"),
     ("a:b:c", "'a' is not a non-negative integer"),
     ("-1:0:1", "'-1' is not"),
+    ("\u00b2:0:1", "is not a non-negative integer"),
     ("0:100000:0", "length 0"),
     ("0:4294967295:2", "32-bit"),
-    ("0:1000:10:5:2000:10", "overlapping inside"),
-    ("0:1000:10:100:1005:10", "overlapping outside"),
+    ("0:1000:10:5:2000:10", "overlapping layer-id"),
+    ("0:1000:10:100:1005:10", "overlapping mount-id"),
     ("0:1000:1::", "triples"),
 ])
 def test_parse_idmap_bad(text, why):
