@@ -33,7 +33,7 @@ PROG = "overlayfs-py"
 
 USAGE = f"""\
 usage: {PROG} [-f] [-d] -o lowerdir=TOP:...:BOTTOM[,upperdir=UPPER,workdir=WORK][,OPTIONS] MOUNTPOINT
-       {PROG} SOURCE MOUNTPOINT -o OPTIONS      (mount(8) / mount.fuse3 form; SOURCE is ignored)
+       {PROG} SOURCE MOUNTPOINT -o OPTIONS      (mount(8) / mount.fuse3 form; SOURCE = default fsname)
 
   -o OPTIONS       comma-separated mount options (may be given several times)
   -f               stay in the foreground
@@ -99,7 +99,7 @@ class Config:
     keep_cache: bool = True              # keep page cache across opens of unchanged files
     extra_fuse_options: Tuple[str, ...] = field(default_factory=tuple)  # dev,suid,noatime...
     xino: str = "off"                    # 'off' or 'auto' (accepted; st_ino policy hint)
-    source: Optional[str] = None         # the ignored SOURCE of the mount(8) form
+    source: Optional[str] = None         # SOURCE of the mount(8) form (only used as fsname)
 
     @property
     def writable(self) -> bool:
@@ -138,6 +138,11 @@ def split_escaped(s: str, sep: str) -> List[str]:
 def unescape_path(s: str) -> str:
     """Undo \\: \\, \\\\ escapes in a single path value."""
     return split_escaped(s, "\0")[0] if "\\" in s else s
+
+
+def fuse_escape(value: str) -> str:
+    """Escape a value for one pyfuse3/libfuse '-o key=value' string (libfuse splits on ',')."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 _QUOTED_KEYS = ("context=", "fscontext=", "defcontext=", "rootcontext=")
@@ -456,7 +461,7 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
         elif key == "fsname":
             kw["fsname"] = unescape_path(need_value(key, value))
         elif key == "subtype":
-            fuse_flags["subtype"] = "subtype=" + need_value(key, value)
+            fuse_flags["subtype"] = "subtype=" + fuse_escape(unescape_path(need_value(key, value)))
         elif key in _FUSE_FLAGS:
             no_value(key, value)
             fuse_flags[_FUSE_FLAGS[key]] = key
@@ -481,6 +486,8 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
 
     if kw.get("volatile"):
         kw["fsync"] = False
+    if source and "fsname" not in kw:
+        kw["fsname"] = source            # mount(8) form: show SOURCE in /proc/mounts, as FUSE does
     if kw.get("allow_other") and fuse_flags.get("allow") == "allow_root":
         raise ConfigError("allow_other and allow_root are mutually exclusive")
 

@@ -246,8 +246,15 @@ def test_mount8_form(d):
                       f"workdir={d.w},dev,suid"])
     assert cfg.source == "overlay" and cfg.mountpoint == d.m
     assert cfg.lowers == (d.a, d.b)
+    assert cfg.fsname == "overlay"                  # SOURCE becomes the default fsname
     assert not cfg.read_only
     assert {"rw", "dev", "suid"} <= set(cfg.extra_fuse_options)
+
+
+def test_mount8_form_explicit_fsname_wins(d):
+    cfg = parse_argv(["src", d.m, "-o", f"fsname=mine,lowerdir={d.a}"])
+    assert cfg.fsname == "mine"
+    assert parse_argv(["-o", f"lowerdir={d.a}", d.m]).fsname == "overlayfs-py"
 
 
 def test_options_after_single_positional(d):
@@ -348,6 +355,12 @@ def test_misc_values(d):
     assert not cfg.metacopy and cfg.xino == "off" and cfg.timeout == 0.0
     assert cfg.writeback and cfg.keep_cache and cfg.fsname == "a,b"
     assert "allow_root" in cfg.extra_fuse_options and not cfg.allow_other
+
+
+def test_subtype_escaped_for_libfuse(d):
+    cfg = parse_argv(["-o", f"{base(d)},subtype=a\\,b", d.m])
+    assert cfg.extra_fuse_options == ("subtype=a\\,b",)
+    assert C.fuse_escape("x,y\\z") == "x\\,y\\\\z"
 
 
 def test_check_false_skips_filesystem(tmp_path):
