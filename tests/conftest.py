@@ -17,6 +17,10 @@ Fixtures (all factories, all cleaned up on teardown even when the test fails):
     ``.wh.*`` files); the upper, if any, is copied too so that the FUSE mount's upper
     stays untouched.
 
+Setting ``OVL_TEST_PROG=kernel`` makes ``mounted`` use the kernel overlay instead (on a
+kernel-format copy of the layers, as ``kernel_mount`` does). That run checks that the tests
+themselves encode the kernel's behaviour; tests that need a daemon call ``fuse_only()``.
+
 Tests that use ``mounted`` are skipped (not failed) without root or /dev/fuse; tests that
 use ``kernel_mount`` are skipped without the kernel overlay driver. Both get the ``mount``
 / ``kernel`` markers automatically. At the end of the session, any mount left under the
@@ -86,6 +90,50 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def kernel_mode() -> bool:
+    """True when the FUSE fixtures are redirected to the kernel overlay."""
+    return os.environ.get("OVL_TEST_PROG", "").strip() == "kernel"
+
+
+def fuse_only(why: str = "needs a FUSE daemon") -> None:
+    if kernel_mode():
+        pytest.skip(f"OVL_TEST_PROG=kernel: {why}")
+
+
+@dataclasses.dataclass
+class KernelMount:
+    """What ``mounted`` returns in kernel mode (no daemon: ``pid`` is None)."""
+    mountpoint: str
+    pid: None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.mountpoint)
+
+
+def _mount_kernel_copy(exits: contextlib.ExitStack, stack: Stack, kroot: Path,
+                       convert: bool = True, options=()) -> Path:
+    kroot.mkdir()
+    if convert:
+        lowers = []
+        for i, layer in enumerate(stack.lowers):
+            dst = layerkit.copy_tree(layer, kroot / f"lower{i}")
+            layerkit.to_kernel_format(dst)
+            lowers.append(dst)
+        upper = work = None
+        if stack.upper is not None:
+            upper = layerkit.copy_tree(stack.upper, kroot / "upper")
+            layerkit.to_kernel_format(upper)
+            work = kroot / "work"
+            work.mkdir()
+    else:
+        lowers, upper, work = stack.lowers, stack.upper, stack.work
+    mnt = kroot / "mnt"
+    mnt.mkdir()
+    exits.enter_context(layerkit.kernel_overlay(lowers, upper, work, mnt=mnt, options=options))
+    return mnt
+
+
 def require_fuse() -> None:
     if os.geteuid() != 0:
         pytest.skip("mount tests need root")
@@ -128,8 +176,14 @@ def mounted():
     counter = [0]
 
     def mount(stack: Stack, options=(), prog=None, mnt=None, **kw) -> layerkit.FuseMount:
-        require_fuse()
         counter[0] += 1
+        if prog is None and kernel_mode():
+            require_kernel_overlay()
+            kopts = [o for o in options if o not in ("allow_other", "ro")]
+            return KernelMount(str(_mount_kernel_copy(exits, stack,
+                                                      stack.root / f"kmounted{counter[0]}",
+                                                      options=kopts)))
+        require_fuse()
         if mnt is None:
             mnt = stack.mnt if counter[0] == 1 else stack.root / f"mnt{counter[0]}"
         Path(mnt).mkdir(exist_ok=True)
@@ -150,27 +204,8 @@ def kernel_mount():
     def mount(stack: Stack, convert: bool = True, options=()) -> Path:
         require_kernel_overlay()
         counter[0] += 1
-        kroot = stack.root / f"kernel{counter[0]}"
-        kroot.mkdir()
-        if convert:
-            lowers = []
-            for i, layer in enumerate(stack.lowers):
-                dst = layerkit.copy_tree(layer, kroot / f"lower{i}")
-                layerkit.to_kernel_format(dst)
-                lowers.append(dst)
-            upper = work = None
-            if stack.upper is not None:
-                upper = layerkit.copy_tree(stack.upper, kroot / "upper")
-                layerkit.to_kernel_format(upper)
-                work = kroot / "work"
-                work.mkdir()
-        else:
-            lowers, upper, work = stack.lowers, stack.upper, stack.work
-        mnt = kroot / "mnt"
-        mnt.mkdir()
-        exits.enter_context(layerkit.kernel_overlay(lowers, upper, work, mnt=mnt,
-                                                    options=options))
-        return mnt
+        return _mount_kernel_copy(exits, stack, stack.root / f"kernel{counter[0]}",
+                                  convert=convert, options=options)
 
     try:
         yield mount

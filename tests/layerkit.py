@@ -497,7 +497,9 @@ def unmount_quietly(path: Union[str, os.PathLike]) -> None:
 def kernel_overlay_available() -> bool:
     if os.geteuid() != 0:
         return False
-    subprocess.run(["modprobe", "overlay"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/usr/sbin:/sbin")
+    if modprobe:
+        subprocess.run([modprobe, "overlay"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with open("/proc/filesystems") as f:
             return any(line.split()[-1] == "overlay" for line in f if line.strip())
