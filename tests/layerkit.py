@@ -291,12 +291,17 @@ def to_kernel_format(layer_dir: Union[str, os.PathLike]) -> None:
     ``D/.wh.X`` (any type) becomes a char 0/0 device ``D/X``; ``D/.wh..wh..opq`` is removed
     and ``D`` gets ``trusted.overlay.opaque=y``. Raises ValueError if ``.wh.X`` sits next to
     a real ``X`` (the OCI spec says a whiteout never applies to its own layer, so such a
-    layer is ambiguous). Other ``.wh..wh.*`` names (AUFS internals) are removed.
+    layer is ambiguous). Other ``.wh..wh.*`` names (AUFS internals) are removed. The
+    times of the directories it changes are restored.
     """
     layer_dir = Path(layer_dir)
+    touched = {}          # dir -> (atime_ns, mtime_ns) to restore: the conversion is not a change
     for dirpath, dirnames, filenames in os.walk(layer_dir):
         names = list(dirnames) + list(filenames)
         d = Path(dirpath)
+        if any(n.startswith(OCI_WHITEOUT_PREFIX) for n in names):
+            st = os.lstat(d)
+            touched[d] = (st.st_atime_ns, st.st_mtime_ns)
         for name in names:
             if not name.startswith(OCI_WHITEOUT_PREFIX):
                 continue
@@ -324,6 +329,8 @@ def to_kernel_format(layer_dir: Union[str, os.PathLike]) -> None:
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         dirnames[:] = [n for n in dirnames if (d / n).is_dir() and not (d / n).is_symlink()
                        and not n.startswith(OCI_WHITEOUT_PREFIX)]
+    for d, (atime_ns, mtime_ns) in touched.items():
+        os.utime(d, ns=(atime_ns, mtime_ns), follow_symlinks=False)
 
 
 # --------------------------------------------------------------------------------------
