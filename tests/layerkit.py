@@ -291,7 +291,8 @@ def to_kernel_format(layer_dir: Union[str, os.PathLike]) -> None:
     ``D/.wh.X`` (any type) becomes a char 0/0 device ``D/X``; ``D/.wh..wh..opq`` is removed
     and ``D`` gets ``trusted.overlay.opaque=y``. Raises ValueError if ``.wh.X`` sits next to
     a real ``X`` (the OCI spec says a whiteout never applies to its own layer, so such a
-    layer is ambiguous). Other ``.wh..wh.*`` names (AUFS internals) are removed. The
+    layer is ambiguous). Other ``.wh..wh.*`` names (AUFS internals) and the invalid
+    ``.wh..`` / ``.wh...`` (which would hide ``.`` / ``..``) are removed. The
     times of the directories it changes are restored.
     """
     layer_dir = Path(layer_dir)
@@ -319,6 +320,13 @@ def to_kernel_format(layer_dir: Union[str, os.PathLike]) -> None:
             hidden = name[len(OCI_WHITEOUT_PREFIX):]
             if not hidden:
                 raise ValueError(f"{p}: '.wh.' alone is not a valid whiteout")
+            if hidden in (".", ".."):
+                # '.wh..' / '.wh...' would hide '.' or '..': invalid, dropped.
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
+                continue
             target = d / hidden
             if os.path.lexists(target):
                 raise ValueError(f"{p}: whiteout next to an existing {hidden!r} in the same layer")
