@@ -1,0 +1,252 @@
+"""Copy-up: make a lower object exist in the upper layer, atomically.
+
+The copy is built in ``workdir/work`` under a temporary name -- data first, then xattrs (writing
+data after xattrs would drop security.capability), then owner, mode and times -- and only then
+renamed into place. A crash at any moment leaves either no upper copy or a complete one; stale
+temporaries are removed at the next mount. Ancestor directories are copied first, top-down.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from typing import Dict
+
+import trio
+
+from . import whiteout
+from .copydata import copy_file_data
+from .inodes import Node
+from .layers import O_DIR, open_dir_at, open_path_at, proc_path
+from .overlay import UPPER, Overlay
+
+log = logging.getLogger("overlayfs_py")
+
+_MUST_COPY_PREFIXES = ("security.", "system.posix_acl")
+
+
+class Workdir:
+    """``workdir/work``: the staging area (same layout as the kernel's, which cleans it too)."""
+
+    def __init__(self, workdir: str):
+        base = os.open(workdir, O_DIR)
+        try:
+            try:
+                os.mkdir("work", 0o700, dir_fd=base)
+            except FileExistsError:
+                pass
+            self.fd = open_dir_at(base, b"work")
+        finally:
+            os.close(base)
+        self._counter = itertools.count(1)
+        self.clean()
+
+    def clean(self) -> None:
+        """Remove temporaries left by a crash: they were never renamed into place."""
+        for name in os.listdir(self.fd):
+            remove_tree_at(self.fd, os.fsencode(name))
+
+    def temp_name(self) -> bytes:
+        return b"#%x" % next(self._counter)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def remove_tree_at(dir_fd: int, name: bytes) -> None:
+    """rm -rf of one entry, relative to dir_fd, never following links."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except IsADirectoryError:
+        pass
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        # unlink of a directory gives EISDIR on Linux, but be tolerant
+        pass
+    fd = open_dir_at(dir_fd, name)
+    try:
+        for child in os.listdir(fd):
+            remove_tree_at(fd, os.fsencode(child))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def copy_xattrs(src: "int | str", dst: "int | str") -> None:
+    """All xattrs except the overlay's own; unsupported ones are skipped unless they matter."""
+    try:
+        names = os.listxattr(src)       # str sources are /proc/self/fd paths: follow them
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        if whiteout.is_private_xattr(name):
+            continue
+        try:
+            value = os.getxattr(src, name)
+            os.setxattr(dst, name, value)
+        except OSError as e:
+            if name.startswith(_MUST_COPY_PREFIXES) and e.errno not in (errno.EOPNOTSUPP,):
+                raise
+            log.debug("copy-up: xattr %s not copied: %s", name, e)
+
+
+def _copy_attrs_fd(fd: int, st: os.stat_result) -> None:
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _restore_times(dir_fd: int, st: os.stat_result) -> None:
+    try:
+        os.utime(dir_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except OSError:
+        pass
+
+
+def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
+    """The upper fd of directory ``node``, copying it (and its ancestors) up if needed."""
+    if node.layer == UPPER:
+        return ov.dirfd(node, UPPER)
+    parent = node.parent
+    parent_fd = ensure_upper_dir(ov, work, parent)
+    parent_st = os.fstat(parent_fd)
+    src_fd = ov.dirfd(node, node.layer)
+    st = os.fstat(src_fd)
+    tmp = work.temp_name()
+    os.mkdir(tmp, 0o700, dir_fd=work.fd)
+    try:
+        tfd = open_dir_at(work.fd, tmp)
+        try:
+            copy_xattrs(src_fd, tfd)
+            _copy_attrs_fd(tfd, st)
+        finally:
+            os.close(tfd)
+        os.rename(tmp, node.name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
+    except BaseException:
+        remove_tree_at(work.fd, tmp)
+        raise
+    _restore_times(parent_fd, parent_st)
+    node.layers = (UPPER,) + tuple(node.layers)
+    if parent.index is not None and node.name in parent.index:
+        parent.index[node.name] = ((UPPER, True),) + tuple(parent.index[node.name])
+    return ov.dirfd(node, UPPER)
+
+
+class CopyUp:
+    """Copy-up of non-directories, with one copy per node even under concurrent first writes."""
+
+    def __init__(self, ov: Overlay, work: Workdir, fsync: bool):
+        self.ov = ov
+        self.work = work
+        self.fsync = fsync
+        self._locks: Dict[int, trio.Lock] = {}
+
+    def in_progress(self, node: Node) -> bool:
+        return node.ino in self._locks
+
+    async def settle(self, node: Node) -> None:
+        """Wait for a copy-up of ``node`` that is under way, if any."""
+        lock = self._locks.get(node.ino)
+        if lock is not None:
+            async with lock:
+                pass
+
+    async def copy_up(self, node: Node, data: bool = True) -> None:
+        if node.layer == UPPER:
+            return
+        if node.is_dir:
+            ensure_upper_dir(self.ov, self.work, node)
+            return
+        lock = self._locks.setdefault(node.ino, trio.Lock())
+        try:
+            async with lock:
+                if node.layer != UPPER:
+                    await self._copy_up_file(node, data)
+        finally:
+            if self._locks.get(node.ino) is lock and not lock.statistics().tasks_waiting:
+                del self._locks[node.ino]
+
+    async def _copy_up_file(self, node: Node, data: bool) -> None:
+        ov, work = self.ov, self.work
+        parent, name = node.paths[0]
+        parent_fd = ensure_upper_dir(ov, work, parent)
+        parent_st = os.fstat(parent_fd)
+        src_dir = ov.dirfd(parent, node.layer)
+        st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        tmp = work.temp_name()
+        try:
+            if stat.S_ISREG(st.st_mode):
+                await self._copy_regular(src_dir, name, tmp, st, data)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(name, dir_fd=src_dir)
+                os.symlink(target, tmp, dir_fd=work.fd)
+                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd, follow_symlinks=False)
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd,
+                         follow_symlinks=False)
+            else:
+                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work.fd)
+                src = open_path_at(src_dir, name)
+                dst = open_path_at(work.fd, tmp)
+                try:
+                    copy_xattrs(proc_path(src), proc_path(dst))
+                    os.chown(proc_path(dst), st.st_uid, st.st_gid)
+                    os.chmod(proc_path(dst), stat.S_IMODE(st.st_mode))
+                    os.utime(proc_path(dst), ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=work.fd)
+            except OSError:
+                pass
+            raise
+        _restore_times(parent_fd, parent_st)
+        new = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        self._install(node, parent, name, new)
+
+    async def _copy_regular(self, src_dir: int, name: bytes, tmp: bytes,
+                            st: os.stat_result, data: bool) -> None:
+        work = self.work
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=work.fd)
+            try:
+                if data and st.st_size:
+                    await trio.to_thread.run_sync(self._copy_data, src, dst, st.st_size)
+                copy_xattrs(src, dst)
+                _copy_attrs_fd(dst, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _copy_data(self, src: int, dst: int, size: int) -> None:
+        copy_file_data(src, dst, size)
+        if self.fsync:
+            os.fsync(dst)
+
+    def _install(self, node: Node, parent: Node, name: bytes, new: os.stat_result) -> None:
+        """The node is now the upper object; it keeps its inode number."""
+        ov = self.ov
+        node.layers = (UPPER,)
+        others = node.paths[1:]
+        node.paths = node.paths[:1]
+        ov.table.rekey(node, (UPPER, new.st_dev, new.st_ino))
+        if parent.index is not None:
+            parent.index[name] = ((UPPER, False),)
+        if node.handles:
+            for h in list(node.handles):
+                h.reopen_after_copy_up(ov, parent, name)
+        # Other lower hard links of the file are separate files from now on (as in the kernel
+        # without index=on); the kernel must look them up again.
+        for p, n in others:
+            ov.pending_invalidations.append((p.ino, n))

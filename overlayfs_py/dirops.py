@@ -1,0 +1,354 @@
+"""Namespace operations on the merged view, with the kernel overlay's whiteout rules.
+
+- Removing a name that a lower layer still shows leaves a whiteout (char 0/0) in the upper layer,
+  put in place atomically: built in the workdir and renamed over the upper entry (exchanged with
+  it for a directory, which is then deleted in the workdir).
+- A directory created where a whiteout hides a lower one is made opaque, so the old contents never
+  come back. A plain mkdir in a merged parent is not (the kernel skips that optimisation unless
+  redirect_dir/index/metacopy are on).
+- Renaming a lower or merged directory fails with EXDEV (no redirect_dir), so mv(1) copies.
+- Names starting with ``.wh.`` cannot be created (EINVAL): they would be read as whiteouts.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import Callable, Optional, Tuple
+
+from . import whiteout
+from .copyup import CopyUp, Workdir, ensure_upper_dir, remove_tree_at
+from .creds import as_user
+from .inodes import Node
+from .layers import (RENAME_EXCHANGE, RENAME_WHITEOUT, lstat_at, open_path_at, proc_path,
+                     renameat2)
+from .lookup import needs_whiteout
+from .overlay import UPPER, Overlay, fuse_error
+
+log = logging.getLogger("overlayfs_py")
+
+
+def _err(code: int):
+    return fuse_error(code)
+
+
+class Namespace:
+    def __init__(self, ov: Overlay, work: Workdir, cu: CopyUp, userxattr: bool = False):
+        self.ov = ov
+        self.work = work
+        self.cu = cu
+        self.opaque_xattr = "user.overlay.opaque" if userxattr else "trusted.overlay.opaque"
+        self.can_mknod = True
+
+    # ------------------------------------------------------------------ helpers
+    def resolve(self, parent: Node, name: bytes) -> Tuple[tuple, Node]:
+        occ = self.ov.index(parent).get(name)
+        if occ is None:
+            raise _err(errno.ENOENT)
+        node = self.ov.child(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT)
+        return occ, node
+
+    @staticmethod
+    def check_new_name(name: bytes) -> None:
+        if whiteout.is_marker_name(name):
+            raise _err(errno.EINVAL)
+        if len(name) > 255:
+            raise _err(errno.ENAMETOOLONG)
+
+    def _new_whiteout(self) -> Optional[bytes]:
+        """A fresh whiteout in the workdir, or None if mknod is not permitted here."""
+        if not self.can_mknod:
+            return None
+        tmp = self.work.temp_name()
+        try:
+            os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=self.work.fd)
+        except PermissionError:
+            log.warning("mknod of whiteouts not permitted: falling back to .wh. files")
+            self.can_mknod = False
+            return None
+        return tmp
+
+    def whiteout(self, parent_fd: int, name: bytes, existing: Optional[os.stat_result]) -> None:
+        """Replace ``name`` in the upper dir (absent, non-dir or dir) by a whiteout, atomically."""
+        tmp = self._new_whiteout()
+        if tmp is None:
+            fd = os.open(whiteout.WH_PREFIX + name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC,
+                         0o700, dir_fd=parent_fd)
+            os.close(fd)
+            if existing is not None:
+                self._discard_upper(parent_fd, name, existing)
+            return
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            renameat2(self.work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+            remove_tree_at(self.work.fd, tmp)
+        else:
+            os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+
+    def _discard_upper(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            tmp = self.work.temp_name()
+            os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=self.work.fd)
+            remove_tree_at(self.work.fd, tmp)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+
+    def set_opaque(self, target: "int | str") -> None:
+        os.setxattr(target, self.opaque_xattr, b"y")
+
+    def _forget_name(self, parent: Node, name: bytes, node: Node,
+                     upper_st: Optional[os.stat_result]) -> None:
+        """Bookkeeping after ``name`` stopped naming ``node``."""
+        self.ov.refresh_entry(parent, name)
+        node.remove_path(parent, name)
+        if not node.paths:
+            node.unlinked = True
+            if node.is_dir:
+                self.ov.drop_fds(node)
+            if not (upper_st is not None and upper_st.st_nlink > 1 and not node.is_dir):
+                self.ov.table.drop_key(node)
+
+    # ------------------------------------------------------------------ removal
+    async def unlink(self, parent: Node, name: bytes) -> None:
+        occ, node = self.resolve(parent, name)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        await self.cu.settle(node)
+        parent_fd = ensure_upper_dir(self.ov, self.work, parent)
+        upper_st = lstat_at(parent_fd, name) if occ[0][0] == UPPER else None
+        if needs_whiteout(occ, UPPER):
+            self.whiteout(parent_fd, name, upper_st)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+        self._forget_name(parent, name, node, upper_st)
+
+    async def rmdir(self, parent: Node, name: bytes) -> None:
+        occ, node = self.resolve(parent, name)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        if self.ov.index(node):
+            raise _err(errno.ENOTEMPTY)
+        parent_fd = ensure_upper_dir(self.ov, self.work, parent)
+        upper_st = lstat_at(parent_fd, name) if node.layer == UPPER else None
+        if needs_whiteout(occ, UPPER):
+            self.whiteout(parent_fd, name, upper_st)
+        else:
+            try:
+                os.rmdir(name, dir_fd=parent_fd)
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY:
+                    raise
+                self._discard_upper(parent_fd, name, upper_st)   # only markers were left
+        self._forget_name(parent, name, node, None)
+
+    # ------------------------------------------------------------------ creation
+    def _prepare_create(self, parent: Node, name: bytes):
+        self.check_new_name(name)
+        if name in self.ov.index(parent):
+            raise _err(errno.EEXIST)
+        parent_fd = ensure_upper_dir(self.ov, self.work, parent)
+        upper_st = lstat_at(parent_fd, name)
+        if upper_st is not None and not whiteout.is_kernel_whiteout(upper_st):
+            raise _err(errno.EEXIST)
+        oci = lstat_at(parent_fd, whiteout.WH_PREFIX + name) is not None
+        return parent_fd, upper_st is not None, oci
+
+    def _owner(self, parent_fd: int, uid: int, gid: int) -> Tuple[int, int, bool]:
+        """Owner of a new object in the layers, and whether the parent is setgid."""
+        pst = os.fstat(parent_fd)
+        sgid = bool(pst.st_mode & stat.S_ISGID)
+        lgid = pst.st_gid if sgid else self.ov.gidmap.to_layer(gid)
+        return self.ov.uidmap.to_layer(uid), lgid, sgid
+
+    def make(self, parent: Node, name: bytes, uid: int, gid: int, is_dir: bool,
+             maker: Callable[[int, bytes], Optional[int]], mode: int = 0):
+        """Create ``name`` with ``maker(dir_fd, name)``; returns (node, maker's result)."""
+        parent_fd, over_whiteout, oci = self._prepare_create(parent, name)
+        luid, lgid, sgid = self._owner(parent_fd, uid, gid)
+        if not over_whiteout:
+            with as_user(luid, lgid):
+                result = maker(parent_fd, name)
+            if is_dir and oci:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+                try:
+                    self.set_opaque(fd)
+                finally:
+                    os.close(fd)
+        else:
+            result = self._make_over_whiteout(parent_fd, name, luid, lgid, sgid, is_dir,
+                                              maker, mode)
+        if oci:
+            os.unlink(whiteout.WH_PREFIX + name, dir_fd=parent_fd)
+        self.ov.refresh_entry(parent, name)
+        node = self.ov.child(parent, name)
+        if node is None:
+            raise _err(errno.EIO)
+        return node, result
+
+    def _make_over_whiteout(self, parent_fd, name, uid, gid, sgid, is_dir, maker, mode):
+        """Build in the workdir, then swap with the whiteout (the kernel's create-over-whiteout)."""
+        work = self.work
+        tmp = work.temp_name()
+        result = maker(work.fd, tmp)
+        try:
+            pfd = open_path_at(work.fd, tmp)
+            try:
+                p = proc_path(pfd)
+                st = os.fstat(pfd)
+                os.chown(tmp, uid, gid, dir_fd=work.fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    perm = stat.S_IMODE(mode) if mode else stat.S_IMODE(st.st_mode)
+                    if is_dir and sgid:
+                        perm |= stat.S_ISGID
+                    os.chmod(p, perm)
+                if is_dir:
+                    self.set_opaque(p)
+            finally:
+                os.close(pfd)
+            if is_dir:
+                renameat2(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=work.fd)          # the whiteout, now in the workdir
+            else:
+                os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            if isinstance(result, int) and not is_dir:
+                os.close(result)
+            remove_tree_at(work.fd, tmp)
+            raise
+        return result
+
+    async def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        self.check_new_name(new_name)
+        if new_name in self.ov.index(new_parent):
+            raise _err(errno.EEXIST)
+        await self.cu.copy_up(node)
+        src_fd, src_name = self.ov.parent_fd(node, UPPER)
+
+        def maker(dir_fd: int, name: bytes) -> None:
+            os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+
+        parent_fd, over_whiteout, oci = self._prepare_create(new_parent, new_name)
+        if over_whiteout:
+            tmp = self.work.temp_name()
+            maker(self.work.fd, tmp)
+            os.rename(tmp, new_name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+        else:
+            maker(parent_fd, new_name)
+        if oci:
+            os.unlink(whiteout.WH_PREFIX + new_name, dir_fd=parent_fd)
+        self.ov.refresh_entry(new_parent, new_name)
+        node.add_path(new_parent, new_name)
+        return node
+
+    # ------------------------------------------------------------------ rename
+    @staticmethod
+    def _pure_upper_dir(node: Node) -> bool:
+        return node.layers == (UPPER,)
+
+    async def rename(self, p_old: Node, n_old: bytes, p_new: Node, n_new: bytes,
+                     exchange: bool, noreplace: bool) -> None:
+        ov = self.ov
+        self.check_new_name(n_new)
+        occ_old, src = self.resolve(p_old, n_old)
+        occ_new = ov.index(p_new).get(n_new)
+        dst = ov.child(p_new, n_new) if occ_new is not None else None
+        if dst is None and occ_new is not None:
+            occ_new = None
+        if noreplace and dst is not None:
+            raise _err(errno.EEXIST)
+        if exchange and dst is None:
+            raise _err(errno.ENOENT)
+        if dst is src:
+            return
+        if src.is_dir and not self._pure_upper_dir(src):
+            raise _err(errno.EXDEV)
+        if dst is not None:
+            if exchange and dst.is_dir and not self._pure_upper_dir(dst):
+                raise _err(errno.EXDEV)
+            if not exchange:
+                if dst.is_dir and not src.is_dir:
+                    raise _err(errno.EISDIR)
+                if src.is_dir and not dst.is_dir:
+                    raise _err(errno.ENOTDIR)
+                if dst.is_dir and ov.index(dst):
+                    raise _err(errno.ENOTEMPTY)
+        await self.cu.settle(src)
+        if dst is not None:
+            await self.cu.settle(dst)
+        await self.cu.copy_up(src)
+        if exchange:
+            await self.cu.copy_up(dst)
+        # the awaits above may have let other requests run: check the names still hold
+        if ov.child(p_old, n_old) is not src or (
+                dst is not None and ov.child(p_new, n_new) is not dst):
+            raise _err(errno.ENOENT)
+        old_fd = ensure_upper_dir(ov, self.work, p_old)
+        new_fd = ensure_upper_dir(ov, self.work, p_new)
+
+        if exchange:
+            renameat2(old_fd, n_old, new_fd, n_new, RENAME_EXCHANGE)
+            for node, pa, na, pb, nb in ((src, p_old, n_old, p_new, n_new),
+                                         (dst, p_new, n_new, p_old, n_old)):
+                node.remove_path(pa, na)
+                node.paths.insert(0, (pb, nb))
+            ov.refresh_entry(p_old, n_old)
+            ov.refresh_entry(p_new, n_new)
+            return
+
+        upper_new = lstat_at(new_fd, n_new)
+        if dst is not None and dst.is_dir and upper_new is not None and \
+                stat.S_ISDIR(upper_new.st_mode):
+            self._empty_dir(new_fd, n_new, upper_new)
+        new_is_whiteout = upper_new is not None and whiteout.is_kernel_whiteout(upper_new)
+        flags = 0
+        cleanup_whiteout = False
+        if needs_whiteout(occ_old, UPPER):
+            flags = RENAME_EXCHANGE if new_is_whiteout else RENAME_WHITEOUT
+        elif src.is_dir and new_is_whiteout:
+            flags = RENAME_EXCHANGE
+            cleanup_whiteout = True
+        if src.is_dir and len(p_new.layers) > 1:
+            sfd = ov.dirfd(src, UPPER)
+            if not whiteout.dir_is_opaque(sfd):
+                self.set_opaque(sfd)
+        if flags == RENAME_WHITEOUT and not self.can_mknod:
+            os.rename(n_old, n_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            self.whiteout(old_fd, n_old, None)
+        else:
+            renameat2(old_fd, n_old, new_fd, n_new, flags)
+        if cleanup_whiteout:
+            os.unlink(n_old, dir_fd=old_fd)
+        if lstat_at(new_fd, whiteout.WH_PREFIX + n_new) is not None:
+            os.unlink(whiteout.WH_PREFIX + n_new, dir_fd=new_fd)
+        if dst is not None:
+            self._forget_name(p_new, n_new, dst, None)
+        src.remove_path(p_old, n_old)
+        src.paths.insert(0, (p_new, n_new))
+        ov.refresh_entry(p_old, n_old)
+        ov.refresh_entry(p_new, n_new)
+
+    def _empty_dir(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
+        """Make an (only-markers) upper dir truly empty and opaque, atomically, so that a
+        directory can be renamed over it (the kernel's ovl_clear_empty)."""
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        try:
+            if not os.listdir(fd):
+                return
+        finally:
+            os.close(fd)
+        work = self.work
+        tmp = work.temp_name()
+        os.mkdir(tmp, 0o700, dir_fd=work.fd)
+        tfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=work.fd)
+        try:
+            os.fchown(tfd, st.st_uid, st.st_gid)
+            os.fchmod(tfd, stat.S_IMODE(st.st_mode))
+            self.set_opaque(tfd)
+        finally:
+            os.close(tfd)
+        renameat2(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+        remove_tree_at(work.fd, tmp)

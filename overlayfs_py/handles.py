@@ -1,0 +1,95 @@
+"""Open file and directory handles.
+
+A file handle holds a real fd on the backing file. A read-only handle opened on a lower file is
+moved to the upper copy when the file is copied up, so every reader sees the written data (the
+kernel's overlay would keep showing the old lower data to such a reader: see the README).
+A directory handle holds a snapshot of the merged listing, ordered by a 63-bit hash of each
+name: that hash is the readdir offset, so offsets do not shift when entries are added or removed
+during a listing, and telldir/seekdir stay valid.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+from typing import Dict, List, Optional, Tuple
+
+import xxhash
+
+from .inodes import Node
+
+# 0 = start of the listing; 1 and 2 are the offsets after '.' and '..'
+FIRST_NAME_OFFSET = 3
+
+
+def name_offset(name: bytes) -> int:
+    return (xxhash.xxh64_intdigest(name) >> 2) + FIRST_NAME_OFFSET
+
+
+class FileHandle:
+    __slots__ = ("fh", "fd", "node", "flags", "writable")
+
+    def __init__(self, fh: int, fd: int, node: Node, flags: int, writable: bool):
+        self.fh, self.fd, self.node, self.flags, self.writable = fh, fd, node, flags, writable
+
+    def reopen_after_copy_up(self, ov, parent: Node, name: bytes) -> None:
+        if self.writable:
+            return
+        from .overlay import UPPER
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=ov.dirfd(parent, UPPER))
+        old, self.fd = self.fd, fd
+        os.close(old)
+
+
+class DirHandle:
+    __slots__ = ("fh", "node", "entries", "offsets")
+
+    def __init__(self, fh: int, node: Node):
+        self.fh, self.node = fh, node
+        self.entries: Optional[List[Tuple[int, bytes]]] = None
+        self.offsets: List[int] = []
+
+    def load(self, names) -> None:
+        self.entries = sorted((name_offset(n), n) for n in names)
+        self.offsets = [o for o, _ in self.entries]
+
+    def after(self, offset: int) -> int:
+        """Position of the first entry whose offset is greater than ``offset``."""
+        return bisect.bisect_right(self.offsets, offset)
+
+
+class HandleTable:
+    def __init__(self):
+        self._next = itertools.count(1)
+        self.files: Dict[int, FileHandle] = {}
+        self.dirs: Dict[int, DirHandle] = {}
+
+    def open_file(self, fd: int, node: Node, flags: int, writable: bool) -> FileHandle:
+        h = FileHandle(next(self._next), fd, node, flags, writable)
+        self.files[h.fh] = h
+        if node.handles is None:
+            node.handles = set()
+        node.handles.add(h)
+        return h
+
+    def release_file(self, fh: int) -> Optional[FileHandle]:
+        h = self.files.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+            if h.node.handles:
+                h.node.handles.discard(h)
+        return h
+
+    def open_dir(self, node: Node) -> DirHandle:
+        h = DirHandle(next(self._next), node)
+        self.dirs[h.fh] = h
+        return h
+
+    def release_dir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    def close_all(self) -> None:
+        for fh in list(self.files):
+            self.release_file(fh)
+        self.dirs.clear()

@@ -1,0 +1,109 @@
+"""Mount, serve and unmount: pyfuse3.init options, trio.run(pyfuse3.main), signals, clean close.
+
+``run(config, on_ready)`` blocks while the filesystem is mounted. It calls ``on_ready()`` once the
+mount is live (the CLI's daemon uses it to let its parent exit 0), and raises MountError, with a
+one-line reason, if the mount cannot be made; nothing is left mounted in that case.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+from typing import Callable, Optional
+
+import pyfuse3
+import trio
+
+from .config import Config
+from .copyup import Workdir
+from .ops import Operations
+from .overlay import Overlay
+
+log = logging.getLogger("overlayfs_py")
+
+MIN_TASKS, MAX_TASKS = 4, 64
+READ_AHEAD_KB = 1024
+
+
+class MountError(Exception):
+    """The mount could not be made; str() is the reason."""
+
+
+def _raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fuse_options(config: Config) -> set:
+    opts = {f"fsname={config.fsname}", "subtype=overlayfs-py"}
+    if config.default_permissions:
+        opts.add("default_permissions")
+    if config.allow_other:
+        opts.add("allow_other")
+    if not config.writable:
+        opts.add("ro")
+    opts.update(config.extra_fuse_options)
+    opts.discard("rw")
+    return opts
+
+
+def _tune_readahead(mountpoint: str) -> None:
+    """pyfuse3 cannot set max_read; a larger bdi read-ahead gives 1 MiB read requests."""
+    # Not os.stat(mountpoint): that would wait for a request nobody serves yet.
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.debug("read_ahead_kb not set: %s", e)
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        async def on_signals():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(on_signals)
+        await pyfuse3.main(MIN_TASKS, MAX_TASKS)
+        nursery.cancel_scope.cancel()
+
+
+def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
+    os.umask(0)                      # modes come from the kernel, already masked
+    _raise_nofile_limit()
+    try:
+        ov = Overlay(config)
+    except OSError as e:
+        raise MountError(f"cannot open layer {e.filename!r}: {e.strerror}") from None
+    work = None
+    try:
+        if config.writable:
+            try:
+                work = Workdir(config.work)
+            except OSError as e:
+                raise MountError(f"cannot prepare workdir {config.work!r}: {e.strerror}") \
+                    from None
+        ops = Operations(config, ov, work)
+        try:
+            pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+        except (RuntimeError, OSError) as e:
+            raise MountError(f"cannot mount on {config.mountpoint!r}: {e}") from None
+        try:
+            _tune_readahead(config.mountpoint)
+            if on_ready is not None:
+                on_ready()
+            trio.run(_serve)
+        finally:
+            ops.handles.close_all()
+            pyfuse3.close(unmount=True)
+    finally:
+        ov.close()
+        if work is not None:
+            work.close()

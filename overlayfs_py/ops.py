@@ -1,0 +1,442 @@
+"""The pyfuse3.Operations subclass: thin async glue over overlay, dirops and copyup.
+
+Every handler goes through one error boundary (``handler``): OSError becomes FUSEError with its
+errno, anything else is logged and answered with EIO for that request alone -- an exception
+escaping a handler would end pyfuse3.main() and kill the mount.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from typing import Optional
+
+import pyfuse3
+import trio
+
+from . import whiteout
+from .config import Config
+from .copyup import CopyUp, Workdir, ensure_upper_dir
+from .dirops import Namespace
+from .handles import FIRST_NAME_OFFSET, HandleTable
+from .inodes import ROOT_INODE, Node
+from .overlay import UPPER, Overlay, fuse_error
+
+log = logging.getLogger("overlayfs_py")
+
+BIG_IO = 128 * 1024           # reads/writes at least this large go to a worker thread
+
+
+def handler(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        debug = self.debug
+        if debug:
+            log.debug("-> %s%r", name, args[:3])
+        try:
+            result = await fn(self, *args)
+        except pyfuse3.FUSEError as e:
+            if debug:
+                log.debug("<- %s: %s", name, errno.errorcode.get(e.errno, e.errno))
+            raise
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if debug:
+                log.debug("<- %s: %s", name, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("internal error in %s%r", name, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if self.ov.pending_invalidations:
+                await self._flush_invalidations()
+        if debug:
+            log.debug("<- %s ok", name)
+        return result
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+
+    def __init__(self, config: Config, ov: Overlay, work: Optional[Workdir]):
+        super().__init__()
+        self.config = config
+        self.ov = ov
+        self.work = work
+        self.debug = config.debug
+        self.writable = ov.writable
+        self.enable_writeback_cache = bool(config.writeback and self.writable)
+        self.handles = HandleTable()
+        if self.writable:
+            self.cu = CopyUp(ov, work, fsync=config.fsync)
+            self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
+
+    # ---------------------------------------------------------------- helpers
+    def _node(self, ino: int) -> Node:
+        node = self.ov.table.get(ino)
+        if node is None:
+            raise fuse_error(errno.ESTALE)
+        return node
+
+    def _need_writable(self) -> None:
+        if not self.writable:
+            raise fuse_error(errno.EROFS)
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = self.ov.attrs(node, self.ov.stat_node(node))
+        node.nlookup += 1
+        return attrs
+
+    async def _flush_invalidations(self) -> None:
+        pending, self.ov.pending_invalidations = self.ov.pending_invalidations, []
+        for parent_ino, name in pending:
+            try:
+                pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            except Exception:          # best effort: the entry times out anyway
+                log.debug("invalidate_entry failed for %r", name)
+
+    # ---------------------------------------------------------------- lookup & attributes
+    @handler
+    async def lookup(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            node = self.ov.child(parent, name)
+            if node is None:
+                return self.ov.negative_entry()
+        return self._entry(node)
+
+    @handler
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            node = self.ov.table.forget(ino, n)
+            if node is not None and node.is_dir:
+                self.ov.drop_fds(node)
+                node.index = None
+
+    @handler
+    async def getattr(self, inode, ctx):
+        node = self._node(inode)
+        return self.ov.attrs(node, self.ov.stat_node(node))
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self._need_writable()
+        node = self._node(inode)
+        ov = self.ov
+        h = self.handles.files.get(fh) if fh is not None else None
+        changes_inode = fields.update_mode or fields.update_uid or fields.update_gid or \
+            fields.update_atime or fields.update_mtime
+        if not (changes_inode or fields.update_size):
+            return ov.attrs(node, ov.stat_node(node))      # ctime only: nothing to copy up
+        if node.unlinked:
+            return self._setattr_unlinked(node, attr, fields, h)
+        truncating_to_zero = fields.update_size and attr.st_size == 0
+        await self.cu.copy_up(node, data=not truncating_to_zero)
+        if fields.update_size:
+            if h is not None and h.writable:
+                os.ftruncate(h.fd, attr.st_size)
+            else:
+                dir_fd, name = ov.parent_fd(node, UPPER)
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+        if changes_inode:
+            self._set_inode_attrs(node, attr, fields)
+        return ov.attrs(node, ov.stat_node(node))
+
+    def _setattr_unlinked(self, node: Node, attr, fields, h):
+        """A removed file that is still open: change it through an open descriptor."""
+        h = h or next((x for x in node.handles or () if x.writable), None)
+        if h is None:
+            raise fuse_error(errno.ENOENT)
+        fd = h.fd
+        if fields.update_size:
+            os.ftruncate(fd, attr.st_size)
+        if fields.update_mode:
+            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, self.ov.uidmap.to_layer(attr.st_uid) if fields.update_uid else -1,
+                      self.ov.gidmap.to_layer(attr.st_gid) if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        return self.ov.attrs(node, os.fstat(fd))
+
+    def _set_inode_attrs(self, node: Node, attr, fields) -> None:
+        ov = self.ov
+        if node.ino == ROOT_INODE:
+            target, dir_fd = ov.dirfd(node, UPPER), None
+        else:
+            dir_fd, target = ov.parent_fd(node, UPPER)
+        kw = {"dir_fd": dir_fd, "follow_symlinks": False} if dir_fd is not None else {}
+        if fields.update_uid or fields.update_gid:
+            uid = ov.uidmap.to_layer(attr.st_uid) if fields.update_uid else -1
+            gid = ov.gidmap.to_layer(attr.st_gid) if fields.update_gid else -1
+            os.chown(target, uid, gid, **kw)
+        if fields.update_mode:
+            with ov.object_path(node) as p:
+                st = os.stat(p)
+                if not stat.S_ISLNK(st.st_mode):
+                    os.chmod(p, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(target, **kw)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(target, ns=(atime, mtime), **kw)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        dir_fd, name = self.ov.parent_fd(node)
+        return os.readlink(name, dir_fd=dir_fd)
+
+    @handler
+    async def statfs(self, ctx):
+        top = self.ov.layers[0]
+        sv = os.fstatvfs(top.root_fd)
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, f, getattr(sv, f))
+        return out
+
+    @handler
+    async def access(self, inode, mode, ctx):
+        self._node(inode)
+        if mode & os.W_OK and not self.writable:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- files
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC)
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if self.enable_writeback_cache and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            # the kernel may read through any handle to fill its cache, and it owns
+            # the file position: O_APPEND would write at the wrong offset
+            flags = (flags & ~os.O_ACCMODE & ~os.O_APPEND) | os.O_RDWR
+        return flags
+
+    def _file_info(self, h) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=self.config.keep_cache)
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self._need_writable()
+            await self.cu.copy_up(node)
+        dir_fd, name = self.ov.parent_fd(node)
+        fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
+        h = self.handles.open_file(fd, node, flags, bool(writing))
+        return self._file_info(h)
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._need_writable()
+        parent = self._node(parent_inode)
+        oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL
+
+        def maker(dir_fd: int, n: bytes) -> int:
+            return os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd)
+
+        node, fd = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode)
+        h = self.handles.open_file(fd, node, flags, True)
+        return self._file_info(h), self._entry(node)
+
+    @handler
+    async def read(self, fh, off, size):
+        h = self.handles.files[fh]
+        if size >= BIG_IO:
+            return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
+        return os.pread(h.fd, size, off)
+
+    @handler
+    async def write(self, fh, off, buf):
+        h = self.handles.files[fh]
+        if len(buf) >= BIG_IO:
+            return await trio.to_thread.run_sync(os.pwrite, h.fd, buf, off)
+        return os.pwrite(h.fd, buf, off)
+
+    @handler
+    async def flush(self, fh):
+        return None
+
+    @handler
+    async def release(self, fh):
+        self.handles.release_file(fh)
+
+    @handler
+    async def fsync(self, fh, datasync):
+        h = self.handles.files.get(fh)
+        if h is None or not self.config.fsync or not h.writable:
+            return
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+
+    # ---------------------------------------------------------------- directories
+    @handler
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise fuse_error(errno.ENOTDIR)
+        return self.handles.open_dir(node).fh
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        h = self.handles.dirs[fh]
+        node, ov = h.node, self.ov
+        if start_id == 0 or h.entries is None:
+            h.load(ov.index(node).keys())
+        if start_id < 2:
+            for off, name, target in ((1, b".", node), (2, b"..", node.parent or node)):
+                if start_id >= off:
+                    continue
+                # readdirplus: the kernel takes no reference for . and ..
+                if not pyfuse3.readdir_reply(token, name, ov.attrs(target, ov.stat_node(target)),
+                                             off):
+                    return
+        i = h.after(max(start_id, FIRST_NAME_OFFSET - 1))
+        entries = h.entries
+        while i < len(entries):
+            off, name = entries[i]
+            i += 1
+            try:
+                child = ov.child(node, name)
+                if child is None:
+                    continue                      # removed since the listing began
+                attrs = ov.attrs(child, ov.stat_node(child))
+            except (OSError, pyfuse3.FUSEError):
+                continue
+            if not pyfuse3.readdir_reply(token, name, attrs, off):
+                return
+            child.nlookup += 1
+
+    @handler
+    async def releasedir(self, fh):
+        self.handles.release_dir(fh)
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        h = self.handles.dirs.get(fh)
+        if h is None or not self.writable or not self.config.fsync:
+            return
+        if h.node.layer == UPPER:
+            fd = self.ov.dirfd(h.node, UPPER)
+            await trio.to_thread.run_sync(os.fsync, fd)
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._need_writable()
+        parent = self._node(parent_inode)
+        perm = stat.S_IMODE(mode)
+
+        def maker(dir_fd: int, n: bytes) -> None:
+            os.mkdir(n, perm, dir_fd=dir_fd)
+
+        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, True, maker, perm | stat.S_IFDIR)
+        return self._entry(node)
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._need_writable()
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise fuse_error(errno.EPERM)       # a whiteout cannot be made through the overlay
+        parent = self._node(parent_inode)
+
+        def maker(dir_fd: int, n: bytes) -> None:
+            os.mknod(n, mode, rdev, dir_fd=dir_fd)
+
+        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode)
+        return self._entry(node)
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._need_writable()
+        parent = self._node(parent_inode)
+
+        def maker(dir_fd: int, n: bytes) -> None:
+            os.symlink(target, n, dir_fd=dir_fd)
+
+        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker)
+        return self._entry(node)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._need_writable()
+        node = await self.ns.link(self._node(inode), self._node(new_parent_inode), new_name)
+        return self._entry(node)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        self._need_writable()
+        await self.ns.unlink(self._node(parent_inode), name)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        self._need_writable()
+        await self.ns.rmdir(self._node(parent_inode), name)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._need_writable()
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise fuse_error(errno.EINVAL)
+        await self.ns.rename(self._node(parent_inode_old), name_old,
+                             self._node(parent_inode_new), name_new,
+                             bool(flags & pyfuse3.RENAME_EXCHANGE),
+                             bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    # ---------------------------------------------------------------- xattrs
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        sname = os.fsdecode(name)
+        if whiteout.is_private_xattr(sname):
+            raise fuse_error(pyfuse3.ENOATTR)
+        node = self._node(inode)
+        with self.ov.object_path(node) as p:
+            return os.getxattr(p, sname)
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        node = self._node(inode)
+        with self.ov.object_path(node) as p:
+            names = os.listxattr(p)
+        return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        self._need_writable()
+        sname = os.fsdecode(name)
+        if whiteout.is_private_xattr(sname):
+            raise fuse_error(errno.EOPNOTSUPP)
+        node = self._node(inode)
+        await self.cu.copy_up(node)
+        with self.ov.object_path(node) as p:
+            os.setxattr(p, sname, value)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        self._need_writable()
+        sname = os.fsdecode(name)
+        if whiteout.is_private_xattr(sname):
+            raise fuse_error(errno.EOPNOTSUPP)
+        node = self._node(inode)
+        with self.ov.object_path(node) as p:
+            os.getxattr(p, sname)             # ENODATA before any copy-up, as the kernel
+        await self.cu.copy_up(node)
+        with self.ov.object_path(node) as p:
+            os.removexattr(p, sname)

@@ -1,0 +1,259 @@
+"""The union state: layers, the node table, directory fds, merged indexes and attributes.
+
+Every object is reached from a layer root fd by opening one component at a time with
+O_NOFOLLOW (``dir_fd``), so no path is resolved from '/' and no link in a layer is followed.
+Directory fds are kept in a bounded LRU cache (the open-file limit is 20000 and cannot be raised)
+and can always be reopened from their parent.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import pyfuse3
+
+from . import dirindex, lookup, whiteout
+from .config import Config
+from .idmap import IdMap
+from .inodes import ROOT_INODE, InodeTable, Node
+from .layers import Layer, lstat_at, open_dir_at, open_path_at
+
+log = logging.getLogger("overlayfs_py")
+
+FD_CACHE_SIZE = 4096
+UPPER = 0                  # index of the upper layer when the mount is writable
+
+
+def fuse_error(err: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(err)
+
+
+class Overlay:
+    def __init__(self, config: Config):
+        self.config = config
+        self.writable = config.writable
+        paths: List[Tuple[str, bool]] = []
+        if config.upper is not None:
+            paths.append((config.upper, self.writable))
+        paths.extend((p, False) for p in config.lowers)
+        self.layers: List[Layer] = []
+        try:
+            for i, (p, w) in enumerate(paths):
+                self.layers.append(Layer(i, p, w))
+        except OSError:
+            self.close()
+            raise
+        self.upper = self.layers[0] if config.upper is not None else None
+        self.uidmap = IdMap(config.uidmap)
+        self.gidmap = IdMap(config.gidmap)
+        self.st_dev_upper = self.upper.st_dev if self.upper else None
+        root = Node(ROOT_INODE, None, b"", True, tuple(range(len(self.layers))), None)
+        self.table = InodeTable(root)
+        self.root = root
+        self._fds: "OrderedDict[Tuple[int, int], int]" = OrderedDict()
+        self.pending_invalidations: List[Tuple[int, bytes]] = []
+        self.entry_timeout = config.timeout
+        self.attr_timeout = config.timeout
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for layer in self.layers:
+            layer.close()
+
+    # ----------------------------------------------------------------- directory fds
+    def dirfd(self, node: Node, layer: int) -> int:
+        """An O_RDONLY fd of directory ``node`` in ``layer``, opened relative to its parent."""
+        if node.ino == ROOT_INODE:
+            return self.layers[layer].root_fd
+        key = (node.ino, layer)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        parent_fd = self.dirfd(node.parent, layer)
+        fd = open_dir_at(parent_fd, node.name)
+        self._fds[key] = fd
+        if len(self._fds) > FD_CACHE_SIZE:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def drop_fds(self, node: Node) -> None:
+        """Forget cached fds of a directory that was removed, forgotten or replaced."""
+        for layer in range(len(self.layers)):
+            fd = self._fds.pop((node.ino, layer), None)
+            if fd is not None:
+                os.close(fd)
+
+    def parent_fd(self, node: Node, layer: Optional[int] = None) -> Tuple[int, bytes]:
+        """(fd of the parent dir in the node's layer, name): where the backing object lives."""
+        layer = node.layer if layer is None else layer
+        last = None
+        for parent, name in node.paths:
+            try:
+                return self.dirfd(parent, layer), name
+            except OSError as e:
+                last = e
+        if last is not None:
+            raise last
+        raise fuse_error(errno.ENOENT)
+
+    # ----------------------------------------------------------------- merged view
+    def dir_layers(self, node: Node) -> Tuple[int, ...]:
+        return node.layers
+
+    def index(self, node: Node) -> lookup.Index:
+        """The merged listing of a directory, built once from one scandir per layer."""
+        idx = node.index
+        if idx is None:
+            listings = []
+            for layer in node.layers:
+                try:
+                    listings.append((layer, dirindex.scan_layer_dir(self.dirfd(node, layer))))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+            idx = node.index = lookup.merge_listings(listings)
+        return idx
+
+    def refresh_entry(self, parent: Node, name: bytes) -> None:
+        """Recompute one name of a cached merged index after we changed it in the upper layer."""
+        if parent.index is None:
+            return
+        listings = []
+        for layer in parent.layers:
+            try:
+                fd = self.dirfd(parent, layer)
+            except OSError:
+                continue
+            ents = []
+            st = lstat_at(fd, name)
+            if st is not None:
+                if whiteout.is_kernel_whiteout(st):
+                    ents.append((name, lookup.WHITEOUT))
+                else:
+                    ents.append((name, lookup.DIR if stat.S_ISDIR(st.st_mode) else lookup.NONDIR))
+            if lstat_at(fd, whiteout.WH_PREFIX + name) is not None:
+                ents.append((name, lookup.WHITEOUT))
+            listings.append((layer, ents))
+        occ = lookup.merge_listings(listings).get(name)
+        if occ is None:
+            parent.index.pop(name, None)
+        else:
+            parent.index[name] = occ
+
+    def child(self, parent: Node, name: bytes) -> Optional[Node]:
+        """The node for ``name`` in ``parent``, or None. Does not take a kernel reference."""
+        occ = self.index(parent).get(name)
+        if occ is None:
+            return None
+        top, is_dir = occ[0]
+        st = lstat_at(self.dirfd(parent, top), name)
+        if st is None:
+            return None              # changed behind our back: treat as absent
+        if stat.S_ISDIR(st.st_mode) != is_dir:
+            is_dir = stat.S_ISDIR(st.st_mode)
+            occ = ((top, is_dir),)
+        key = (top, st.st_dev, st.st_ino)
+        node = self.table.find(key)
+        if node is not None and node.is_dir == is_dir and not node.unlinked:
+            node.add_path(parent, name)
+            return node
+        if is_dir:
+            layers = self._cut_dir_layers(parent, name, occ)
+        else:
+            layers = (top,)
+        node = Node(self.table.new_ino(key), parent, name, is_dir, layers, key)
+        return self.table.add(node)
+
+    def _cut_dir_layers(self, parent: Node, name: bytes, occ) -> Tuple[int, ...]:
+        if len(occ) == 1:
+            return (occ[0][0],)
+        last = len(occ) - 1
+
+        def opaque(layer: int) -> bool:
+            if layer == occ[last][0]:
+                return False         # nothing below to hide
+            try:
+                fd = open_dir_at(self.dirfd(parent, layer), name)
+            except OSError:
+                return False
+            try:
+                return whiteout.dir_is_opaque(fd)
+            finally:
+                os.close(fd)
+        return lookup.cut_at_opaque(occ, opaque)
+
+    # ----------------------------------------------------------------- attributes
+    def stat_node(self, node: Node, fd: Optional[int] = None) -> os.stat_result:
+        if fd is not None:
+            return os.fstat(fd)
+        if node.is_dir:
+            return os.fstat(self.dirfd(node, node.layer))
+        if node.handles:
+            return os.fstat(next(iter(node.handles)).fd)
+        last = errno.ENOENT
+        for parent, name in node.paths:
+            try:
+                return os.stat(name, dir_fd=self.dirfd(parent, node.layer),
+                               follow_symlinks=False)
+            except OSError as e:
+                last = e.errno
+        raise fuse_error(last)
+
+    def attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = st.st_mode
+        nlink = st.st_nlink
+        if node.is_dir and len(node.layers) > 1:
+            nlink = 1                # merged dir: as the kernel, "nlink=1 pacifies find"
+        a.st_nlink = nlink
+        a.st_uid = self.uidmap.to_mount(st.st_uid)
+        a.st_gid = self.gidmap.to_mount(st.st_gid)
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def negative_entry(self) -> pyfuse3.EntryAttributes:
+        """A lookup miss the kernel may cache (st_ino 0) for entry_timeout."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.entry_timeout
+        return a
+
+    # ----------------------------------------------------------------- xattrs
+    def object_path(self, node: Node):
+        """A context manager giving a /proc path to the node's backing object (O_PATH fd)."""
+        return _ObjectPath(self, node)
+
+
+class _ObjectPath:
+    __slots__ = ("ov", "node", "fd")
+
+    def __init__(self, ov: Overlay, node: Node):
+        self.ov, self.node, self.fd = ov, node, None
+
+    def __enter__(self) -> str:
+        if self.node.ino == ROOT_INODE or self.node.is_dir:
+            return f"/proc/self/fd/{self.ov.dirfd(self.node, self.node.layer)}"
+        dir_fd, name = self.ov.parent_fd(self.node)
+        self.fd = open_path_at(dir_fd, name)
+        return f"/proc/self/fd/{self.fd}"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)

@@ -1,0 +1,92 @@
+"""Whiteout and opaque markers: every format found in real layers, decoded in one place.
+
+Formats read (see shared/research/overlay-semantics.md, section 0):
+- kernel whiteout: a character device with rdev 0/0 (any permission bits);
+- OCI/AUFS/fuse-overlayfs whiteout: an empty file ``.wh.NAME`` hiding NAME in the layers below;
+- opaque directory: xattr ``trusted.overlay.opaque`` / ``user.overlay.opaque`` (or fuse-overlayfs'
+  ``user.fuseoverlayfs.opaque``) whose first byte is ``y``, or a ``.wh..wh..opq`` file inside it;
+- AUFS internals ``.wh..wh.*`` (``.wh..wh.aufs``, ``.wh..wh.plnk``...) are never shown.
+Format written to the upper layer: kernel char 0/0 whiteouts and the ``overlay.opaque`` xattr.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Optional
+
+WH_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+AUFS_META_PREFIX = b".wh..wh."
+
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+
+# Private xattr namespaces: never shown through the mount, never copied up.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+
+def is_kernel_whiteout(st: os.stat_result) -> bool:
+    """The kernel's test (IS_WHITEOUT): a char device numbered 0/0, whatever its mode."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_marker_name(name: bytes) -> bool:
+    """Names that are markers in a layer and can never be real entries of the merged view."""
+    return name.startswith(WH_PREFIX)
+
+
+def oci_whiteout_target(name: bytes) -> Optional[bytes]:
+    """For ``.wh.X`` return X; None for other names, the opaque marker and AUFS internals."""
+    if not name.startswith(WH_PREFIX) or name.startswith(AUFS_META_PREFIX):
+        return None
+    target = name[len(WH_PREFIX):]
+    return target or None
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def opaque_value(get_xattr) -> Optional[bytes]:
+    """First opaque xattr value found, via ``get_xattr(name) -> bytes`` (raises OSError if absent)."""
+    for name in OPAQUE_XATTRS:
+        try:
+            return get_xattr(name)
+        except OSError:
+            continue
+    return None
+
+
+def xattr_says_opaque(value: Optional[bytes]) -> bool:
+    """Only the first byte counts, as in the kernel (util.c ovl_check_dir_xattr)."""
+    return bool(value) and value[:1] == b"y"
+
+
+def dir_is_opaque(dir_fd: int) -> bool:
+    """Is the directory open at dir_fd opaque, in any format?"""
+    if xattr_says_opaque(opaque_value(lambda n: os.getxattr(dir_fd, n))):
+        return True
+    try:
+        os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def dir_has_xwhiteouts(dir_fd: int) -> bool:
+    """Kernel >= 6.7 xattr whiteouts are only honoured inside dirs marked opaque='x'."""
+    value = opaque_value(lambda n: os.getxattr(dir_fd, n))
+    return bool(value) and value[:1] == b"x"
+
+
+XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+
+def is_xwhiteout(path: str) -> bool:
+    """A zero-size regular file carrying overlay.whiteout (checked by the caller for size)."""
+    for name in XWHITEOUT_XATTRS:
+        try:
+            os.getxattr(path, name, follow_symlinks=False)
+            return True
+        except OSError:
+            continue
+    return False
