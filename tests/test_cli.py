@@ -8,6 +8,7 @@ the child reports the mount live; the child's error line otherwise) is checked w
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -483,39 +484,104 @@ def test_config_errors_never_reach_mount(d, tmp_path):
 
 
 def _have_real_mount():
-    return (REPO / "overlayfs_py" / "mount.py").exists()
+    return ((REPO / "overlayfs_py" / "mount.py").exists()
+            and importlib.util.find_spec("pyfuse3") is not None)
+
+
+def _mount_dev(mnt):
+    """'major:minor' of the mount at `mnt`, from mountinfo (never stat a possibly hung mount)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if fields[4].decode("unicode_escape") == str(mnt):
+                return fields[2].decode()
+    return None
+
+
+def _daemon_pids(mnt):
+    """Pids of overlayfs_py processes whose command line names this test's unique mountpoint."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"overlayfs_py" in argv and os.fsencode(str(mnt)) in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def _unmount_fuse(mnt):
+    """Unmount; if the daemon does not answer, abort its FUSE connection first."""
+    try:
+        ok = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
+                            timeout=15).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    if not ok and _mount_dev(mnt):
+        minor = _mount_dev(mnt).split(":")[1]
+        with contextlib.suppress(OSError):
+            with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as f:
+                f.write("1")
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=15)
+    return ok
+
+
+def _sh(cmd, timeout=20):
+    """Run a shell command against the mount in a child, so a hung filesystem fails the test
+    (SIGKILL on timeout) instead of hanging it."""
+    try:
+        return subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"filesystem did not answer within {timeout}s: {cmd}")
+
+
+@contextlib.contextmanager
+def _real_daemon(args, mnt, cwd=None):
+    res = run_cli(args, cwd=cwd, timeout=60)
+    try:
+        yield res
+    finally:
+        if _mount_dev(mnt):
+            clean = _unmount_fuse(mnt)
+            pids = _daemon_pids(mnt)
+            gone = _wait_for(lambda: not any(_alive(p) for p in pids), timeout=15)
+            for p in pids:                       # only this test's daemon, by pid
+                if _alive(p):
+                    with contextlib.suppress(OSError):
+                        os.kill(p, 9)
+            assert clean, "fusermount3 -u failed or hung (daemon not answering)"
+            assert gone, "the daemon did not exit after unmount"
+        assert _mount_dev(mnt) is None
 
 
 @pytest.mark.mount
 @needs_root
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py not written yet")
+@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py or pyfuse3 not available")
 def test_real_daemon_mount_and_unmount(d):
-    res = run_cli(["-o", f"lowerdir={d.a}:{d.b},upperdir={d.u},workdir={d.w}", d.m], timeout=60)
-    try:
+    args = ["-o", f"lowerdir={d.a}:{d.b},upperdir={d.u},workdir={d.w}", d.m]
+    with _real_daemon(args, d.m) as res:
         assert res.returncode == 0, res.stderr
         assert res.stderr == ""
-        assert os.path.ismount(d.m), "parent exited 0 before the mount was live"
-        assert (d.m / "hello").read_text() == "from a\n"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(d.m)], capture_output=True)
-        if os.path.ismount(d.m):
-            subprocess.run(["fusermount3", "-u", "-z", str(d.m)], capture_output=True)
-    assert _wait_for(lambda: not os.path.ismount(d.m))
+        assert _mount_dev(d.m), "parent exited 0 before the mount was live"
+        r = _sh(f"cat '{d.m}/hello'")
+        assert r.stdout == "from a\n", r
+        assert len(_daemon_pids(d.m)) == 1
 
 
 @pytest.mark.mount
 @needs_root
-@pytest.mark.skipif(shutil.which("fusermount3") is None, reason="no fusermount3")
-@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py not written yet")
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py or pyfuse3 not available")
 def test_real_read_only_mount_from_other_cwd(d, tmp_path):
     link = tmp_path / "alink"
     link.symlink_to(d.a)
-    res = run_cli(["-o", "lowerdir=alink:b", "m"], cwd=tmp_path, timeout=60)
-    try:
+    with _real_daemon(["-o", "lowerdir=alink:b", "m"], d.m, cwd=tmp_path) as res:
         assert res.returncode == 0, res.stderr
-        assert (d.m / "hello").read_text() == "from a\n"
-        with pytest.raises(OSError):
-            (d.m / "new").write_text("x")
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(d.m)], capture_output=True)
+        assert _sh(f"cat '{d.m}/hello'").stdout == "from a\n"
+        r = _sh(f"echo x > '{d.m}/new'")
+        assert r.returncode != 0 and "Read-only file system" in r.stderr, r
