@@ -509,7 +509,8 @@ def _daemon_pids(mnt):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"overlayfs_py" in argv and os.fsencode(str(mnt)) in argv:
+        if any(b"overlayfs_py" in a or b"overlayfs-py" in a for a in argv[:3]) \
+                and os.fsencode(str(mnt)) in argv:
             pids.append(int(entry))
     return pids
 
@@ -546,8 +547,8 @@ def _real_daemon(args, mnt, cwd=None):
         yield res
     finally:
         if _mount_dev(mnt):
-            clean = _unmount_fuse(mnt)
             pids = _daemon_pids(mnt)
+            clean = _unmount_fuse(mnt)
             gone = _wait_for(lambda: not any(_alive(p) for p in pids), timeout=15)
             for p in pids:                       # only this test's daemon, by pid
                 if _alive(p):
@@ -585,3 +586,38 @@ def test_real_read_only_mount_from_other_cwd(d, tmp_path):
         assert _sh(f"cat '{d.m}/hello'").stdout == "from a\n"
         r = _sh(f"echo x > '{d.m}/new'")
         assert r.returncode != 0 and "Read-only file system" in r.stderr, r
+
+
+def _console_script():
+    p = Path(sys.executable).parent / "overlayfs-py"
+    return p if p.exists() else None
+
+
+@pytest.mark.mount
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py or pyfuse3 not available")
+@pytest.mark.skipif(_console_script() is None or shutil.which("mount.fuse3") is None,
+                    reason="needs the installed overlayfs-py script and mount.fuse3")
+def test_real_mount8_helper(d):
+    # mount(8) -> mount.fuse3 -> "overlayfs-py SOURCE MNT -o ...,dev,suid" (daemon mode)
+    opts = f"lowerdir={d.a},upperdir={d.u},workdir={d.w},noatime"
+    try:
+        r = subprocess.run(["mount", "-t", "fuse", f"{_console_script()}#ovlsrc", str(d.m),
+                            "-o", opts], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        with open("/proc/self/mounts") as f:
+            line = next(l for l in f if f" {d.m} " in l)
+        src, _, fstype, mopts = line.split()[:4]
+        assert src == "ovlsrc" and fstype == "fuse.overlayfs-py"
+        assert "noatime" in mopts.split(",") and "nosuid" not in mopts.split(",")
+        assert _sh(f"cat '{d.m}/hello'").stdout == "from a\n"
+        assert _sh(f"echo new > '{d.m}/g'").returncode == 0
+        assert (d.u / "g").read_text() == "new\n"
+    finally:
+        if _mount_dev(d.m):
+            pids = _daemon_pids(d.m)
+            assert len(pids) == 1, pids
+            assert _unmount_fuse(d.m)
+            assert _wait_for(lambda: not any(_alive(p) for p in pids), timeout=15)
+    assert _mount_dev(d.m) is None
