@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -56,6 +57,42 @@ class Stack:
     def layers(self) -> List[Path]:
         """All layers, top first (the upper, if any, then the lowers)."""
         return ([self.upper] if self.upper is not None else []) + list(self.lowers)
+
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "timeout(seconds): watchdog limit for one test (default $OVL_TEST_TIMEOUT "
+                   f"or {DEFAULT_TIMEOUT:.0f} s); on expiry the test's FUSE daemons are killed "
+                   "and its FUSE connections aborted, so a hung filesystem fails the test "
+                   "instead of hanging the run")
+
+
+@pytest.fixture(autouse=True)
+def _hang_watchdog(request, tmp_path_factory):
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker else float(os.environ.get("OVL_TEST_TIMEOUT",
+                                                                       DEFAULT_TIMEOUT))
+    base = tmp_path_factory.getbasetemp()
+    fired: List[str] = []
+
+    def fire():
+        killed = layerkit.kill_descendants(os.getpid())
+        aborted = layerkit.abort_fuse_mounts_under(base)
+        fired.append(f"killed pids {killed}, aborted FUSE mounts {aborted}")
+
+    timer = threading.Timer(limit, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if fired:
+        pytest.fail(f"watchdog: the test ran longer than {limit:.0f} s ({fired[0]})",
+                    pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):

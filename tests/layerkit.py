@@ -70,6 +70,7 @@ __all__ = [
     "make_layer", "to_kernel_format", "copy_tree", "snapshot", "diff_snapshots",
     "kernel_overlay", "fuse_mount", "FuseMount", "daemon_command", "is_mounted",
     "mounts_under", "unmount_quietly", "kernel_overlay_available", "fuse_available",
+    "abort_fuse_mounts_under", "kill_descendants",
 ]
 
 OCI_WHITEOUT_PREFIX = ".wh."
@@ -507,6 +508,63 @@ def unmount_quietly(path: Union[str, os.PathLike]) -> None:
         if not is_mounted(path):
             return
         subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _fuse_mounts_with_dev(prefix: str) -> List[tuple]:
+    """(mountpoint, minor) of FUSE mounts at or below ``prefix``, from mountinfo."""
+    prefix = os.path.realpath(prefix)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype = fields[sep + 1]
+            mp = _unescape_mount_path(fields[4])
+            if not (fstype == "fuse" or fstype.startswith("fuse.")):
+                continue
+            if mp == prefix or mp.startswith(prefix.rstrip("/") + "/"):
+                out.append((mp, int(fields[2].split(":")[1])))
+    return out
+
+
+def abort_fuse_mounts_under(prefix: Union[str, os.PathLike]) -> List[str]:
+    """Abort the FUSE connection of every FUSE mount at or below ``prefix`` (through
+    fusectl, mounting it if needed): every request pending on it fails with ENOTCONN, so a
+    process stuck on a hung daemon wakes up. Returns the mount points aborted."""
+    conn_dir = "/sys/fs/fuse/connections"
+    mounts = _fuse_mounts_with_dev(os.fspath(prefix))
+    if mounts and os.path.isdir(conn_dir) and not os.listdir(conn_dir):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", conn_dir],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = []
+    for mp, minor in mounts:
+        with contextlib.suppress(OSError):
+            with open(f"{conn_dir}/{minor}/abort", "w") as f:
+                f.write("1")
+            done.append(mp)
+    return done
+
+
+def kill_descendants(pid: int, sig: int = 9) -> List[int]:
+    """Send ``sig`` to every descendant process of ``pid`` (not ``pid`` itself)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    killed, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+            killed.append(p)
+    return killed
 
 
 def kernel_overlay_available() -> bool:

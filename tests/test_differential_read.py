@@ -307,6 +307,7 @@ def test_random_stack_matches_kernel(seed, tmp_path):
 _counter = [0]
 
 
+@pytest.mark.timeout(900)
 @settings(max_examples=30, deadline=None, derandomize=bool(os.environ.get("CI")),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])

@@ -748,6 +748,7 @@ def test_readonly_mount_returns_erofs(make_layers, mounted):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_walk_100k_files(tmp_path, make_layers, mounted):
     n_dirs, per_dir = 100, 1000
     s = make_layers({"top-only": "x"}, {})
