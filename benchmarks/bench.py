@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
-import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -408,7 +408,7 @@ class Mounted:
                         self.proc.kill()
                         self.proc.wait()
                 self.exit_status = self.proc.returncode
-                if os.path.ismount(self.mnt):      # daemon gone but mount left behind
+                if mount_listed(self.mnt):         # daemon gone but mount left behind
                     subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True)
             else:
                 r = subprocess.run(["umount", self.mnt], capture_output=True)
@@ -436,7 +436,9 @@ def mount(target: Target, lowers: List[str], upper: str, work: str, mnt: str,
         h = Mounted(target, mnt, proc, logpath)
         deadline = time.monotonic() + timeout
         try:
-            while not os.path.ismount(mnt):
+            # poll /proc/self/mountinfo, not os.path.ismount(): a stat of a FUSE mount whose
+            # daemon never answers INIT blocks uninterruptibly, and the bench would hang
+            while not mount_listed(mnt):
                 rc = proc.poll()
                 if rc is not None:
                     raise MountError(f"daemon exited with status {rc} before the mount was live: "
@@ -444,6 +446,17 @@ def mount(target: Target, lowers: List[str], upper: str, work: str, mnt: str,
                 if time.monotonic() > deadline:
                     raise MountError(f"not mounted after {timeout:.0f} s: {h.log_tail()}")
                 time.sleep(0.002)
+            # then the first request, from a helper thread: if the daemon never answers, kill
+            # it (our own pid), which aborts the connection and frees the waiting thread
+            ok, err = stat_with_timeout(mnt, max(1.0, deadline - time.monotonic()))
+            if not ok:
+                stack = kernel_stack(proc.pid)
+                proc.kill()
+                raise MountError(f"mounted, but the daemon did not answer a stat of the mount "
+                                 f"point within {timeout:.0f} s (daemon killed; its kernel "
+                                 f"stack: {stack}); log: {h.log_tail() or '(no output)'}")
+            if err:
+                raise MountError(f"stat of the fresh mount failed: {err}; log: {h.log_tail()}")
         except BaseException:
             h.unmount()
             raise
@@ -467,6 +480,40 @@ def mount(target: Target, lowers: List[str], upper: str, work: str, mnt: str,
                              f"{len(opts)} bytes): {r.stderr.strip()}")
         return Mounted(target, mnt)
     raise NotApplicable("plain directory: nothing to mount")
+
+
+def mount_listed(mnt: str) -> Optional[str]:
+    """The mount's major:minor if mnt is a mount point (read from mountinfo, without a stat)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4].encode().decode("unicode_escape") == mnt:
+                return parts[2]
+    return None
+
+
+def stat_with_timeout(path: str, timeout: float):
+    done = threading.Event()
+    err: List[str] = []
+
+    def probe():
+        try:
+            os.stat(path)
+        except OSError as e:
+            err.append(str(e))
+        finally:
+            done.set()
+    threading.Thread(target=probe, daemon=True).start()
+    return done.wait(timeout), (err[0] if err else None)
+
+
+def kernel_stack(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stack") as f:
+            frames = [ln.split("]", 1)[-1].strip().split("+")[0] for ln in f]
+        return " < ".join(frames[:4])
+    except OSError:
+        return "?"
 
 
 @dataclass
@@ -625,6 +672,7 @@ class Bench:
         self.xfs_lower: Optional[str] = None
         self.xfs_error: Optional[str] = None
         self._seq = 0
+        self.timed_out: Optional[str] = None
 
     # -- targets
     def _make_targets(self) -> List[Target]:
@@ -661,7 +709,7 @@ class Bench:
     def _remove(self, d: str) -> None:
         for sub in ("m",):
             p = os.path.join(d, sub)
-            if os.path.ismount(p):
+            if mount_listed(p):
                 self.notes.append(f"{p} still mounted; not removing its run directory")
                 return
         shutil.rmtree(d, ignore_errors=True)
@@ -714,10 +762,9 @@ class Bench:
             self._remove(d)
 
     # -- recording
-    def metric(self, name: str, unit: str, higher_better: bool = False, **kw) -> str:
-        if name not in self.metrics:
-            self.metrics[name] = Metric(name, unit, higher_better, **kw)
-        return name
+    @staticmethod
+    def metric(name: str, unit: str, higher_better: bool = False, **kw) -> Metric:
+        return Metric(name, unit, higher_better, **kw)
 
     def record(self, metric: str, target: str, value: float) -> None:
         self.values.setdefault(metric, {}).setdefault(target, []).append(value)
@@ -783,7 +830,9 @@ class Bench:
             "compileall": [self.metric("python -m compileall pkg", "s")],
             "reflink": [self.metric(f"xfs reflink copy-up: append 1 B to {big}", "s")],
         }
-        return m[wl]
+        for metric in m[wl]:
+            self.metrics.setdefault(metric.name, metric)
+        return [metric.name for metric in m[wl]]
 
     def run(self) -> None:
         wanted = set(self.args.only.split(",")) if self.args.only else None
@@ -792,11 +841,9 @@ class Bench:
             skip.add("reflink")
         reps = self.args.reps
         for wl, fn in self.workloads():
-            names = self.declared_metrics(wl)
             if (wanted is not None and wl not in wanted) or wl in skip:
-                for n in names:
-                    del self.metrics[n]
                 continue
+            names = self.declared_metrics(wl)
             for rep in range(reps):
                 order = self.targets[rep % len(self.targets):] + self.targets[:rep % len(self.targets)]
                 for t in order:
@@ -805,6 +852,11 @@ class Bench:
                             self.na.setdefault(n, {})[t.name] = t.disabled
                         continue
                     t0 = time.monotonic()
+                    self.timed_out = None
+                    timer = threading.Timer(self.args.cell_timeout, self._on_cell_timeout,
+                                            args=(f"{wl} rep {rep + 1} {t.name}",))
+                    timer.daemon = True
+                    timer.start()
                     try:
                         got = fn(t)
                     except NotApplicable as e:
@@ -815,6 +867,9 @@ class Bench:
                         raise
                     except Exception as e:       # one failed cell must not stop the bench
                         err = f"{type(e).__name__}: {e}"
+                        if self.timed_out:
+                            err = f"timed out after {self.args.cell_timeout:.0f} s, daemon " \
+                                  f"killed; then {err}"
                         if not isinstance(e, (MountError, subprocess.CalledProcessError)):
                             fr = traceback.extract_tb(e.__traceback__)[-1]
                             err += f" (at {os.path.basename(fr.filename)}:{fr.lineno})"
@@ -822,12 +877,26 @@ class Bench:
                             self.record_error(n, t.name, err)
                         log(f"{wl} rep {rep + 1}/{reps} {t.name}: FAILED {err[:300]}")
                         continue
+                    finally:
+                        timer.cancel()
                     for n, v in got.items():
                         self.record(n, t.name, v)
                     shown = ", ".join(f"{n.split(',')[-1].strip() if ',' in n else n}="
                                       f"{fmt_value(v, self.metrics[n].unit)}" for n, v in got.items())
                     log(f"{wl} rep {rep + 1}/{reps} {t.name}: {shown}  "
                         f"[{time.monotonic() - t0:.1f} s]")
+
+    def _on_cell_timeout(self, label: str) -> None:
+        """Watchdog: a cell ran too long, most likely a hung daemon. Kill the daemons we
+        started (by pid); that aborts their FUSE connections, so every blocked syscall returns
+        ENOTCONN, the workload fails, and the normal cleanup unmounts."""
+        self.timed_out = label
+        for m in list(ACTIVE):
+            if m.proc is not None and m.proc.poll() is None:
+                log(f"watchdog: {label} exceeded {self.args.cell_timeout:.0f} s; "
+                    f"killing {m.target.name} daemon pid {m.proc.pid} "
+                    f"(kernel stack: {kernel_stack(m.proc.pid)})")
+                m.proc.kill()
 
     # ---------------------------------------------------------------- workloads
     def _timed_cmd(self, cmd: List[str], cwd: Optional[str] = None, env=None,
@@ -942,6 +1011,7 @@ class Bench:
             drop_caches()
             c = read_file(p, size)
             w = read_file(p, size)
+            same_blocks(p, os.path.join(self.fx.image, "big.bin"), size)
         return {cold: size / c / 1e6, warm: size / w / 1e6}
 
     def wl_write(self, t: Target) -> dict:
@@ -1173,7 +1243,7 @@ class Bench:
                     nerr = len(cell.get("errors", []))
                     if nerr:
                         s += f" [{len(cell['values'])}/{len(cell['values']) + nerr} ok: " \
-                             f"{footnote(cell['errors'][0])[4:]}]"
+                             f"{footnote(cell['errors'][0])[3:]}]"
                     cells.append(s)
                 elif cell.get("na"):
                     cells.append(footnote(cell["na"]))
@@ -1200,6 +1270,14 @@ def vmrss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def same_blocks(path: str, ref: str, size: int) -> None:
+    """The first, a middle and the last MiB read through the mount equal the lower file's."""
+    with open(path, "rb") as a, open(ref, "rb") as b:
+        for off in (0, (size // 2) & ~(MiB - 1), size - MiB):
+            if os.pread(a.fileno(), MiB, off) != os.pread(b.fileno(), MiB, off):
+                raise RuntimeError(f"data read through the mount differs at offset {off}")
 
 
 def read_file(path: str, size: int) -> float:
@@ -1332,11 +1410,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--xfs", dest="xfs", action="store_true", default=None,
                    help="run the reflink workload on an xfs loop image (default: if mkfs.xfs exists)")
     p.add_argument("--no-xfs", dest="xfs", action="store_false")
+    p.add_argument("--cell-timeout", type=float,
+                   help="seconds one target may spend on one repetition of one workload before "
+                        "its daemon is killed (default 1800; 300 with --quick)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the fixtures")
     p.add_argument("--write-results", action="store_true",
                    help="replace this mode's section of benchmarks/RESULTS.md")
     p.add_argument("--json", help="result file (default benchmarks/results-DATE-MODE.json)")
     args = p.parse_args(argv)
+    if args.cell_timeout is None:
+        args.cell_timeout = 300.0 if args.quick else 1800.0
     if args.xfs is None:
         args.xfs = shutil.which("mkfs.xfs") is not None
     return args
