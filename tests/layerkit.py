@@ -12,6 +12,8 @@ path to what should be there::
         "bin/tool": b"\\x7fELF...",             # regular file from bytes
         "usr/doc": WHITEOUT,                   # char 0/0 whiteout (kernel format)
         "usr/man": WHITEOUT_OCI,               # empty file usr/.wh.man (OCI/AUFS format)
+        "usr/info": WHITEOUT_XATTR,            # kernel >= 6.7 "xwhiteout": empty file with
+                                               # trusted.overlay.whiteout, parent opaque=x
         "var": OPAQUE,                         # dir with trusted.overlay.opaque=y
         "srv": OPAQUE_OCI,                     # dir containing .wh..wh..opq
         "l": Symlink("target"),
@@ -65,7 +67,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 __all__ = [
     "File", "Dir", "Symlink", "Hardlink", "Device", "CharDevice", "BlockDevice",
     "Fifo", "FIFO", "DIR", "SOCKET",
-    "WHITEOUT", "WHITEOUT_KERNEL", "WHITEOUT_OCI", "OPAQUE", "OPAQUE_KERNEL", "OPAQUE_OCI",
+    "WHITEOUT", "WHITEOUT_KERNEL", "WHITEOUT_OCI", "WHITEOUT_XATTR", "OPAQUE", "OPAQUE_KERNEL", "OPAQUE_OCI",
     "OCI_WHITEOUT_PREFIX", "OCI_OPAQUE_NAME", "OVERLAY_XATTR_PREFIX",
     "make_layer", "to_kernel_format", "copy_tree", "snapshot", "diff_snapshots",
     "kernel_overlay", "fuse_mount", "FuseMount", "daemon_command", "is_mounted",
@@ -154,6 +156,7 @@ class _Marker:
 
 
 WHITEOUT_KERNEL = _Marker("WHITEOUT_KERNEL")   # char device 0/0 named NAME
+WHITEOUT_XATTR = _Marker("WHITEOUT_XATTR")     # empty file + trusted.overlay.whiteout; parent opaque=x
 WHITEOUT_OCI = _Marker("WHITEOUT_OCI")         # empty regular file .wh.NAME
 OPAQUE_KERNEL = _Marker("OPAQUE_KERNEL")       # dir with trusted.overlay.opaque=y
 OPAQUE_OCI = _Marker("OPAQUE_OCI")             # dir containing .wh..wh..opq
@@ -255,6 +258,15 @@ def make_layer(root: Union[str, os.PathLike], spec: Mapping[str, SpecValue]) -> 
             os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         elif value is WHITEOUT_OCI:
             (path.parent / (OCI_WHITEOUT_PREFIX + path.name)).touch()
+        elif value is WHITEOUT_XATTR:
+            path.touch()
+            os.setxattr(path, "trusted.overlay.whiteout", b"y")
+            try:
+                current = os.getxattr(path.parent, OPAQUE_XATTR)
+            except OSError:
+                current = b""
+            if current[:1] != b"y":          # an opaque dir needs no whiteouts
+                os.setxattr(path.parent, OPAQUE_XATTR, b"x")
         else:
             raise ValueError(f"{raw!r}: unknown spec value {value!r}")
 
