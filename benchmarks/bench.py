@@ -961,8 +961,11 @@ class Bench:
                 raise
             except Exception as e:
                 # one depth failing (e.g. too many layers) must not hide the others
+                err = f"{type(e).__name__}: {e}"
+                if self.timed_out:
+                    err = f"timed out after {self.args.cell_timeout:.0f} s, daemon killed; then {err}"
                 for n in (cold, warm):
-                    self.record_error(n, t.name, f"{type(e).__name__}: {e}")
+                    self.record_error(n, t.name, err)
                 log(f"stat {depth} layers {t.name}: FAILED {e}")
         return out
 
@@ -1314,7 +1317,7 @@ def machine_info(cache: str) -> dict:
     mem = ""
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
-    fstype = cmd("findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", cache)
+    fstype = " ".join(cmd("findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", cache).split())
     ovl = {}
     pdir = "/sys/module/overlay/parameters"
     if os.path.isdir(pdir):
