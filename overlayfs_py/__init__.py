@@ -12,8 +12,8 @@ def mount(*args, **kwargs):
 
 
 def run(config, on_ready=None):
-    """Mount and serve in this process until unmounted; see overlayfs_py.mount.run."""
-    from .mount import run as _run
+    """Mount and serve in this process until unmounted; see overlayfs_py.session.run."""
+    from .session import run as _run
     return _run(config, on_ready)
 
 

@@ -49,7 +49,7 @@ def setup_logging(debug: bool) -> None:
 
 def _load_run():
     """Import the mount machinery lazily (it pulls in trio and pyfuse3)."""
-    from .mount import MountError, run  # noqa: WPS433 (lazy on purpose: after fork)
+    from .session import MountError, run  # noqa: WPS433 (lazy on purpose: after fork)
     return run, MountError
 
 

@@ -3,7 +3,7 @@
 Error cases must exit non-zero with exactly one "overlayfs-py: ..." line on stderr naming
 the problem, no traceback, and no new mount. The daemon protocol (parent exits 0 only once
 the child reports the mount live; the child's error line otherwise) is checked with a fake
-``overlayfs_py.mount`` module injected into sys.modules, so it runs without FUSE.
+``overlayfs_py.session`` module injected into sys.modules, so it runs without FUSE.
 """
 from __future__ import annotations
 
@@ -311,7 +311,7 @@ def test_workdir_not_writable(d):
 
 FAKE = r'''
 import json, os, sys, time, types
-mod = types.ModuleType("overlayfs_py.mount")
+mod = types.ModuleType("overlayfs_py.session")
 class MountError(Exception):
     pass
 def _dump(path, info):
@@ -345,7 +345,7 @@ def run(config, on_ready):
         raise MountError("late failure")
 mod.run = run
 mod.MountError = MountError
-sys.modules["overlayfs_py.mount"] = mod
+sys.modules["overlayfs_py.session"] = mod
 from overlayfs_py.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -480,11 +480,11 @@ def test_config_errors_never_reach_mount(d, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# the real thing, once overlayfs_py.mount exists
+# the real thing, once overlayfs_py.session exists
 
 
 def _have_real_mount():
-    return ((REPO / "overlayfs_py" / "mount.py").exists()
+    return ((REPO / "overlayfs_py" / "session.py").exists()
             and importlib.util.find_spec("pyfuse3") is not None)
 
 
@@ -562,7 +562,7 @@ def _real_daemon(args, mnt, cwd=None):
 @pytest.mark.mount
 @needs_root
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py or pyfuse3 not available")
+@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/session.py or pyfuse3 not available")
 def test_real_daemon_mount_and_unmount(d):
     args = ["-o", f"lowerdir={d.a}:{d.b},upperdir={d.u},workdir={d.w}", d.m]
     with _real_daemon(args, d.m) as res:
@@ -577,7 +577,7 @@ def test_real_daemon_mount_and_unmount(d):
 @pytest.mark.mount
 @needs_root
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py or pyfuse3 not available")
+@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/session.py or pyfuse3 not available")
 def test_real_read_only_mount_from_other_cwd(d, tmp_path):
     link = tmp_path / "alink"
     link.symlink_to(d.a)
@@ -596,7 +596,7 @@ def _console_script():
 @pytest.mark.mount
 @needs_root
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/mount.py or pyfuse3 not available")
+@pytest.mark.skipif(not _have_real_mount(), reason="overlayfs_py/session.py or pyfuse3 not available")
 @pytest.mark.skipif(_console_script() is None or shutil.which("mount.fuse3") is None,
                     reason="needs the installed overlayfs-py script and mount.fuse3")
 def test_real_mount8_helper(d):

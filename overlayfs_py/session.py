@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import pyfuse3
 import trio
 
-from .config import Config
+from .config import Config, fuse_escape
 from .copyup import Workdir
 from .ops import Operations
 from .overlay import Overlay
@@ -37,7 +37,9 @@ def _raise_nofile_limit() -> None:
 
 
 def fuse_options(config: Config) -> set:
-    opts = {f"fsname={config.fsname}", "subtype=overlayfs-py"}
+    opts = {f"fsname={fuse_escape(config.fsname)}"}
+    if not any(o.startswith("subtype=") for o in config.extra_fuse_options):
+        opts.add("subtype=overlayfs-py")
     if config.default_permissions:
         opts.add("default_permissions")
     if config.allow_other:
