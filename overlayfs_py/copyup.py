@@ -133,6 +133,7 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
         raise
     _restore_times(parent_fd, parent_st)
     node.layers = (UPPER,) + tuple(node.layers)
+    ov.changed(node)
     if parent.index is not None and node.name in parent.index:
         parent.index[node.name] = ((UPPER, True),) + tuple(parent.index[node.name])
     return ov.dirfd(node, UPPER)
@@ -238,6 +239,7 @@ class CopyUp:
         """The node is now the upper object; it keeps its inode number."""
         ov = self.ov
         node.layers = (UPPER,)
+        ov.changed(node)
         others = node.paths[1:]
         node.paths = node.paths[:1]
         ov.table.rekey(node, (UPPER, new.st_dev, new.st_ino))

@@ -101,7 +101,8 @@ class Namespace:
     def _forget_name(self, parent: Node, name: bytes, node: Node,
                      upper_st: Optional[os.stat_result]) -> None:
         """Bookkeeping after ``name`` stopped naming ``node``."""
-        self.ov.refresh_entry(parent, name)
+        self.ov.name_changed(parent, name)
+        self.ov.changed(node)
         node.remove_path(parent, name)
         if not node.paths:
             node.unlinked = True
@@ -181,7 +182,7 @@ class Namespace:
                                               maker, mode)
         if oci:
             os.unlink(whiteout.WH_PREFIX + name, dir_fd=parent_fd)
-        self.ov.refresh_entry(parent, name)
+        self.ov.name_changed(parent, name)
         node = self.ov.child(parent, name)
         if node is None:
             raise _err(errno.EIO)
@@ -240,8 +241,11 @@ class Namespace:
             maker(parent_fd, new_name)
         if oci:
             os.unlink(whiteout.WH_PREFIX + new_name, dir_fd=parent_fd)
-        self.ov.refresh_entry(new_parent, new_name)
+        self.ov.name_changed(new_parent, new_name)
+        self.ov.changed(node)
         node.add_path(new_parent, new_name)
+        if new_parent.kids is not None:
+            new_parent.kids[new_name] = node
         return node
 
     # ------------------------------------------------------------------ rename
@@ -295,8 +299,10 @@ class Namespace:
                                          (dst, p_new, n_new, p_old, n_old)):
                 node.remove_path(pa, na)
                 node.paths.insert(0, (pb, nb))
-            ov.refresh_entry(p_old, n_old)
-            ov.refresh_entry(p_new, n_new)
+            ov.name_changed(p_old, n_old)
+            ov.name_changed(p_new, n_new)
+            ov.changed(src)
+            ov.changed(dst)
             return
 
         upper_new = lstat_at(new_fd, n_new)
@@ -328,8 +334,9 @@ class Namespace:
             self._forget_name(p_new, n_new, dst, None)
         src.remove_path(p_old, n_old)
         src.paths.insert(0, (p_new, n_new))
-        ov.refresh_entry(p_old, n_old)
-        ov.refresh_entry(p_new, n_new)
+        ov.name_changed(p_old, n_old)
+        ov.name_changed(p_new, n_new)
+        ov.changed(src)
 
     def _empty_dir(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
         """Make an (only-markers) upper dir truly empty and opaque, atomically, so that a

@@ -30,7 +30,7 @@ class Node:
     """
 
     __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "handles",
-                 "unlinked", "__weakref__")
+                 "unlinked", "attr", "kids", "__weakref__")
 
     def __init__(self, ino: int, parent: Optional["Node"], name: bytes, is_dir: bool,
                  layers, key: Optional[Key]):
@@ -43,6 +43,12 @@ class Node:
         self.index = None
         self.handles = None          # set of open file handles, created on demand
         self.unlinked = False
+        # Caches, valid because the layers change only through us (overlayfs.rst: changing
+        # them under a mounted overlay is undefined): the reply attributes, and for a
+        # directory the child nodes by name. Every operation that changes an object or a
+        # name clears the matching entry.
+        self.attr = None
+        self.kids = None
 
     @property
     def parent(self) -> Optional["Node"]:

@@ -89,7 +89,7 @@ class Operations(pyfuse3.Operations):
             raise fuse_error(errno.EROFS)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        attrs = self.ov.attrs(node, self.ov.stat_node(node))
+        attrs = self.ov.node_attrs(node)
         node.nlookup += 1
         return attrs
 
@@ -119,14 +119,12 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list):
         for ino, n in inode_list:
             node = self.ov.table.forget(ino, n)
-            if node is not None and node.is_dir:
-                self.ov.drop_fds(node)
-                node.index = None
+            if node is not None:
+                self.ov.forget_node(node)
 
     @handler
     async def getattr(self, inode, ctx):
-        node = self._node(inode)
-        return self.ov.attrs(node, self.ov.stat_node(node))
+        return self.ov.node_attrs(self._node(inode))
 
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -137,7 +135,7 @@ class Operations(pyfuse3.Operations):
         changes_inode = fields.update_mode or fields.update_uid or fields.update_gid or \
             fields.update_atime or fields.update_mtime
         if not (changes_inode or fields.update_size):
-            return ov.attrs(node, ov.stat_node(node))      # ctime only: nothing to copy up
+            return ov.node_attrs(node)                      # ctime only: nothing to copy up
         if node.unlinked:
             return self._setattr_unlinked(node, attr, fields, h)
         truncating_to_zero = fields.update_size and attr.st_size == 0
@@ -278,7 +276,9 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def release(self, fh):
-        self.handles.release_file(fh)
+        h = self.handles.release_file(fh)
+        if h is not None and h.writable:
+            self.ov.changed(h.node)
 
     @handler
     async def fsync(self, fh, datasync):
@@ -306,8 +306,7 @@ class Operations(pyfuse3.Operations):
                 if start_id >= off:
                     continue
                 # readdirplus: the kernel takes no reference for . and ..
-                if not pyfuse3.readdir_reply(token, name, ov.attrs(target, ov.stat_node(target)),
-                                             off):
+                if not pyfuse3.readdir_reply(token, name, ov.node_attrs(target), off):
                     return
         i = h.after(max(start_id, FIRST_NAME_OFFSET - 1))
         entries = h.entries
@@ -318,7 +317,7 @@ class Operations(pyfuse3.Operations):
                 child = ov.child(node, name)
                 if child is None:
                     continue                      # removed since the listing began
-                attrs = ov.attrs(child, ov.stat_node(child))
+                attrs = ov.node_attrs(child)
             except (OSError, pyfuse3.FUSEError):
                 continue
             if not pyfuse3.readdir_reply(token, name, attrs, off):
@@ -427,6 +426,7 @@ class Operations(pyfuse3.Operations):
         await self.cu.copy_up(node)
         with self.ov.object_path(node) as p:
             os.setxattr(p, sname, value)
+        self.ov.changed(node)
 
     @handler
     async def removexattr(self, inode, name, ctx):
@@ -440,3 +440,4 @@ class Operations(pyfuse3.Operations):
         await self.cu.copy_up(node)
         with self.ov.object_path(node) as p:
             os.removexattr(p, sname)
+        self.ov.changed(node)

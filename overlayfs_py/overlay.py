@@ -149,6 +149,11 @@ class Overlay:
 
     def child(self, parent: Node, name: bytes) -> Optional[Node]:
         """The node for ``name`` in ``parent``, or None. Does not take a kernel reference."""
+        kids = parent.kids
+        if kids is not None:
+            node = kids.get(name)
+            if node is not None:
+                return node
         occ = self.index(parent).get(name)
         if occ is None:
             return None
@@ -161,15 +166,39 @@ class Overlay:
             occ = ((top, is_dir),)
         key = (top, st.st_dev, st.st_ino)
         node = self.table.find(key)
-        if node is not None and node.is_dir == is_dir and not node.unlinked:
-            node.add_path(parent, name)
-            return node
-        if is_dir:
-            layers = self._cut_dir_layers(parent, name, occ)
+        if node is None or node.is_dir != is_dir or node.unlinked:
+            layers = self._cut_dir_layers(parent, name, occ) if is_dir else (top,)
+            node = self.table.add(
+                Node(self.table.new_ino(key), parent, name, is_dir, layers, key))
         else:
-            layers = (top,)
-        node = Node(self.table.new_ino(key), parent, name, is_dir, layers, key)
-        return self.table.add(node)
+            node.add_path(parent, name)
+        if node.attr is None or not node.handles:
+            node.attr = self._make_attrs(node, st)
+        if kids is None:
+            kids = parent.kids = {}
+        kids[name] = node
+        return node
+
+    def changed(self, node: Node) -> None:
+        """The object behind node changed (attributes, size, links): drop cached attributes."""
+        node.attr = None
+
+    def name_changed(self, parent: Node, name: bytes) -> None:
+        """``name`` in ``parent`` now names something else, or nothing."""
+        self.refresh_entry(parent, name)
+        if parent.kids is not None:
+            parent.kids.pop(name, None)
+        parent.attr = None
+
+    def forget_node(self, node: Node) -> None:
+        """The kernel forgot the node: drop what refers to it."""
+        for parent, name in node.paths:
+            if parent.kids is not None and parent.kids.get(name) is node:
+                del parent.kids[name]
+        if node.is_dir:
+            self.drop_fds(node)
+            node.index = None
+            node.kids = None
 
     def _cut_dir_layers(self, parent: Node, name: bytes, occ) -> Tuple[int, ...]:
         if len(occ) == 1:
@@ -206,7 +235,18 @@ class Overlay:
                 last = e.errno
         raise fuse_error(last)
 
+    def node_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Reply attributes of a node: cached unless it is open (writes may be under way)."""
+        if node.attr is not None and not node.handles:
+            return node.attr
+        attr = node.attr = self._make_attrs(node, self.stat_node(node))
+        return attr
+
     def attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = node.attr = self._make_attrs(node, st)
+        return attr
+
+    def _make_attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -217,8 +257,12 @@ class Overlay:
         if node.is_dir and len(node.layers) > 1:
             nlink = 1                # merged dir: as the kernel, "nlink=1 pacifies find"
         a.st_nlink = nlink
-        a.st_uid = self.uidmap.to_mount(st.st_uid)
-        a.st_gid = self.gidmap.to_mount(st.st_gid)
+        if self.uidmap or self.gidmap:
+            a.st_uid = self.uidmap.to_mount(st.st_uid)
+            a.st_gid = self.gidmap.to_mount(st.st_gid)
+        else:
+            a.st_uid = st.st_uid
+            a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
