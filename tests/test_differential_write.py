@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
+import layerkit
 import writekit as wk
 
 pytestmark = [
@@ -41,6 +43,8 @@ LOWER_KINDS = ["absent", "absent", "absent", "file", "file", "dir", "dir", "syml
                "whiteout", "wh_file", "opaque", "opq_file", "fifo"]
 
 paths = st.sampled_from(UNIVERSE)
+HANG_SECONDS = 15
+TRACE = bool(os.environ.get("OVL_DIFF_TRACE"))
 payloads = st.sampled_from([b"", b"new", b"0123456789" * 10, b"x"])
 
 
@@ -70,19 +74,19 @@ def layer_specs(draw):
             if k == "file":
                 spec[p] = f"layer{li}:{p}\n"
             elif k == "dir":
-                spec[p] = wk.DIR
+                spec[p] = layerkit.DIR
             elif k == "symlink":
-                spec[p] = wk.Symlink(draw(st.sampled_from(["x", "../a", "nowhere", "z"])))
+                spec[p] = layerkit.Symlink(draw(st.sampled_from(["x", "../a", "nowhere", "z"])))
             elif k == "whiteout":
-                spec[p] = wk.WHITEOUT
+                spec[p] = layerkit.WHITEOUT_KERNEL
             elif k == "wh_file":
-                spec[p] = wk.WH_FILE
+                spec[p] = layerkit.WHITEOUT_OCI
             elif k == "opaque":
-                spec[p] = wk.OPAQUE
+                spec[p] = layerkit.OPAQUE_KERNEL
             elif k == "opq_file":
-                spec[p] = wk.OPQ_FILE
+                spec[p] = layerkit.OPAQUE_OCI
             elif k == "fifo":
-                spec[p] = wk.FIFO
+                spec[p] = layerkit.FIFO
         dirs_below |= {p for p, k in kinds.items() if k in ("dir", "opaque", "opq_file")}
         layers.append(spec)
     layers.reverse()
@@ -99,33 +103,29 @@ class OverlayWriteMachine(RuleBasedStateMachine):
         self.tmp = None
         self.ours = None
         self.kern = None
-        self.log = []
 
     # -- setup / teardown -----------------------------------------------------------------
 
     @initialize(specs=layer_specs())
     def setup_layers(self, specs):
+        import contextlib
         import tempfile
         self.tmp = tempfile.mkdtemp(prefix="ovl-diff-")
+        self.exits = contextlib.ExitStack()
         self.ours = wk.Stack(self.tmp, specs, name="ours")
         self.kern = self.ours.clone("kern", kernel_format=True)
-        self.ours.mount_ours()
-        self.kern.mount_kernel()
+        self.ours.mount_ours(self.exits)
+        self.kern.mount_kernel(self.exits)
+        self.conn = wk.fuse_conn(self.ours.mnt)
 
     def teardown(self):
         if self.tmp is None:
             return
         try:
-            problems = []
-            rc_ours = self.ours.unmount(check=False) if self.ours.mount else 0
-            self.kern.unmount()
-            if rc_ours != 0:
-                problems.append(f"daemon exited {rc_ours}")
+            self.exits.close()       # unmounts both; fails if our daemon did not exit 0
             diff = wk.diff_snapshots(wk.upper_snapshot(self.kern.upper),
                                      wk.upper_snapshot(self.ours.upper), "kernel", "ours")
-            if diff:
-                problems.append("upper dirs differ:\n  " + "\n  ".join(diff))
-            assert not problems, "\n".join(problems)
+            assert not diff, "upper dirs differ:\n  " + "\n  ".join(diff)
         finally:
             wk._force_cleanup(self.tmp)
             self.tmp = None
@@ -134,16 +134,15 @@ class OverlayWriteMachine(RuleBasedStateMachine):
 
     def both(self, what, fn, *rels, **kw):
         """Apply fn(path_in_mount, ...) on both mounts; the outcomes must be equal."""
-        ro = wk.attempt(fn, *[os.path.join(self.ours.mnt, r) if isinstance(r, str) else r
-                              for r in rels], **kw)
+        with wk.hang_guard(self.conn, HANG_SECONDS, f"{what} {rels}"):
+            ro = wk.attempt(fn, *[os.path.join(self.ours.mnt, r) if isinstance(r, str) else r
+                                  for r in rels], **kw)
         rk = wk.attempt(fn, *[os.path.join(self.kern.mnt, r) if isinstance(r, str) else r
                               for r in rels], **kw)
-        self.log.append((what, rels, rk))
+        if TRACE:
+            print(f"{what} {rels}: kernel={rk} ours={ro}", file=sys.stderr)
         assert ro == rk, f"{what} {rels}: kernel -> {rk}, ours -> {ro}"
         return rk
-
-    def m(self, rel, which):
-        return os.path.join((self.ours if which == "ours" else self.kern).mnt, rel)
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -278,7 +277,8 @@ class OverlayWriteMachine(RuleBasedStateMachine):
     def same_merged_tree(self):
         if self.tmp is None:
             return
-        so = wk.merged_snapshot(self.ours.mnt)
+        with wk.hang_guard(self.conn, HANG_SECONDS, "snapshot of the merged tree"):
+            so = wk.merged_snapshot(self.ours.mnt)
         sk = wk.merged_snapshot(self.kern.mnt)
         diff = wk.diff_snapshots(sk, so, "kernel", "ours")
         assert not diff, "merged trees differ:\n  " + "\n  ".join(diff)
@@ -291,6 +291,7 @@ OverlayWriteMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                            HealthCheck.data_too_large],
     print_blob=True,
+    report_multiple_bugs=bool(os.environ.get("OVL_DIFF_ALL_BUGS")),
 )
 
 TestDifferentialWrite = OverlayWriteMachine.TestCase
