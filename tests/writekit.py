@@ -345,3 +345,60 @@ def tree_paths(root):
         for n in dirnames + filenames:
             out.append(os.path.relpath(os.path.join(dirpath, n), root))
     return sorted(out)
+
+
+def upper_of(stack, m):
+    """The upper dir behind a conftest ``mounted`` mount (in OVL_TEST_PROG=kernel mode the
+    fixture mounts a kernel-format copy, whose upper sits next to its mount point)."""
+    if getattr(m, "pid", None) is None:
+        return Path(mp(m)).parent / "upper"
+    return Path(stack.upper)
+
+
+def fuse_conns_under(path):
+    """/sys/fs/fuse/connections entries of the FUSE mounts at or below path, read from
+    /proc/self/mountinfo (no syscall on the mounts themselves: they may hang)."""
+    path = os.path.realpath(os.fspath(path))
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            mnt = layerkit._unescape_mount_path(parts[4])
+            fstype = parts[parts.index("-") + 1]
+            if not fstype.startswith("fuse"):
+                continue
+            if mnt == path or mnt.startswith(path.rstrip("/") + "/"):
+                major, minor = parts[2].split(":")
+                out.append(f"/sys/fs/fuse/connections/{int(minor)}")
+    return out
+
+
+@contextlib.contextmanager
+def watchdog(path, seconds, what="test"):
+    """Abort every FUSE connection below ``path`` if the block is still running after
+    ``seconds`` (a hung daemon then fails the test with ENOTCONN instead of blocking the
+    run); raises Hang on exit if it fired."""
+    fired = []
+
+    def fire():
+        fired.append(True)
+        for conn in fuse_conns_under(path):
+            try:
+                with open(os.path.join(conn, "abort"), "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
+    try:
+        yield fired
+    except Exception:
+        if fired:
+            raise Hang(f"{what}: still running after {seconds}s; FUSE connections aborted")
+        raise
+    finally:
+        t.cancel()
+    if fired:
+        raise Hang(f"{what}: still running after {seconds}s; FUSE connections aborted")
