@@ -134,8 +134,7 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
     _restore_times(parent_fd, parent_st)
     node.layers = (UPPER,) + tuple(node.layers)
     ov.changed(node)
-    if parent.index is not None and node.name in parent.index:
-        parent.index[node.name] = ((UPPER, True),) + tuple(parent.index[node.name])
+    ov.refresh_entry(parent, node.name)
     return ov.dirfd(node, UPPER)
 
 
@@ -243,8 +242,7 @@ class CopyUp:
         others = node.paths[1:]
         node.paths = node.paths[:1]
         ov.table.rekey(node, (UPPER, new.st_dev, new.st_ino))
-        if parent.index is not None:
-            parent.index[name] = ((UPPER, False),)
+        ov.refresh_entry(parent, name)      # upper now, lower occurrences still count
         if node.handles:
             for h in list(node.handles):
                 h.reopen_after_copy_up(ov, parent, name)

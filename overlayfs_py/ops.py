@@ -220,7 +220,8 @@ class Operations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- files
     def _open_flags(self, flags: int) -> int:
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC)
+        # O_TRUNC stays: libfuse asks for atomic_o_trunc, so the kernel passes it to open()
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if self.enable_writeback_cache and (flags & os.O_ACCMODE) != os.O_RDONLY:
             # the kernel may read through any handle to fill its cache, and it owns
@@ -237,7 +238,7 @@ class Operations(pyfuse3.Operations):
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             self._need_writable()
-            await self.cu.copy_up(node)
+            await self.cu.copy_up(node, data=not flags & os.O_TRUNC)
         dir_fd, name = self.ov.parent_fd(node)
         fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
         h = self.handles.open_file(fd, node, flags, bool(writing))

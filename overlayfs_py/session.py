@@ -37,7 +37,19 @@ def _raise_nofile_limit() -> None:
 
 
 def fuse_options(config: Config) -> set:
+    """pyfuse3.init options. As root, like `mount -t overlay` (and like fuse-overlayfs for
+    allow_other and suid), device nodes and setuid bits work and every user may enter the
+    mount -- container engines run their processes as other users -- unless the caller
+    said nodev, nosuid or allow_root."""
     opts = {f"fsname={fuse_escape(config.fsname)}"}
+    extra = set(config.extra_fuse_options)
+    if os.geteuid() == 0:
+        if "nodev" not in extra:
+            opts.add("dev")
+        if "nosuid" not in extra:
+            opts.add("suid")
+        if "allow_root" not in extra:
+            opts.add("allow_other")
     if not any(o.startswith("subtype=") for o in config.extra_fuse_options):
         opts.add("subtype=overlayfs-py")
     if config.default_permissions:
