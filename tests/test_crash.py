@@ -1,0 +1,213 @@
+"""Crash consistency: ``kill -9`` of the daemon in the middle of copy-ups and writes.
+
+Several threads append records to lower files (each append copies the file up first, then
+is fsync'd and only then counted as acknowledged), create new files and replace files by
+rename. The daemon is killed at some point, the dead mount lazily unmounted, and the same
+layers mounted again (the workdir is left as the crash left it). Then:
+
+- every lower file reads as its full lower content followed by the records of that file,
+  in order, at least all acknowledged ones and at most one more (the one in flight);
+  the same holds for its copy in the upper, if there is one: no partial copy-up;
+- every acknowledged new file or rename target exists with its full content;
+- neither the merged view nor the upper dir shows any other name (no temp files);
+- the remounted filesystem works and unmounts cleanly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import layerkit
+import writekit as wk
+from conftest import fuse_only, require_fuse
+
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
+NFILES = 24
+NTHREADS = 4
+
+
+def lower_content(i):
+    size = [100, 5000, 70_000, 1 << 20, 3 << 20][i % 5]
+    return random.Random(i).randbytes(size)
+
+
+def record(name, seq):
+    return f"<{name}:{seq:05d}>\n".encode()
+
+
+class Storm:
+    def __init__(self, mnt):
+        self.mnt = Path(mnt)
+        self.stop = threading.Event()
+        self.acked = {}            # lower name -> number of acknowledged records
+        self.inflight = {}         # lower name -> records attempted (acked or not)
+        self.new_acked = {}        # created name -> content
+        self.new_tried = {}        # created name -> content (maybe not acknowledged)
+        self.renamed_acked = {}    # rename target -> content
+        self.renamed_tried = {}
+        self.errors = []
+        self.lock = threading.Lock()
+
+    def worker(self, t):
+        mnt = self.mnt
+        k = 0
+        try:
+            while not self.stop.is_set():
+                for i in range(t, NFILES, NTHREADS):
+                    name = f"f{i:02d}"
+                    seq = self.inflight.get(name, 0)
+                    self.inflight[name] = seq + 1
+                    fd = os.open(mnt / "d" / name, os.O_WRONLY | os.O_APPEND)
+                    try:
+                        os.write(fd, record(name, seq))
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    self.acked[name] = seq + 1
+                    # a new file
+                    nn = f"n_{t}_{k}"
+                    data = (nn.encode() + b"\n") * (1 + k % 50)
+                    self.new_tried[nn] = data
+                    wk.write_file(mnt / "new" / nn, data, fsync=True)
+                    self.new_acked[nn] = data
+                    # write + rename (the atomic replace pattern)
+                    rn = f"r_{t}_{k % 3}"
+                    data = f"{rn} version {k}\n".encode()
+                    self.renamed_tried.setdefault(rn, []).append(data)
+                    wk.write_file(mnt / "new" / f"tmp_{t}", data, fsync=True)
+                    os.rename(mnt / "new" / f"tmp_{t}", mnt / "new" / rn)
+                    self.renamed_acked[rn] = data
+                    k += 1
+                    if self.stop.is_set():
+                        break
+        except OSError as e:
+            # expected once the daemon is dead (ENOTCONN, ECONNABORTED); recorded anyway
+            with self.lock:
+                self.errors.append(e)
+
+
+def _check_lower_file(data, where, name, lower, acked, tried):
+    assert data.startswith(lower), \
+        f"{where}: does not start with its lower content (len {len(data)} vs {len(lower)})"
+    rest = data[len(lower):]
+    ok = [b"".join(record(name, s) for s in range(n)) for n in range(acked, tried + 1)]
+    assert rest in ok, (f"{where}: appended part is not the acknowledged records "
+                        f"(acked {acked}, tried {tried}): {rest[-200:]!r}")
+
+
+@pytest.mark.parametrize("delay", [0.4, 1.5, 3.0])
+def test_kill9_during_copyup_storm(tmp_path, delay):
+    require_fuse()
+    fuse_only("kills the FUSE daemon")
+    lowers = {f"d/f{i:02d}": lower_content(i) for i in range(NFILES)}
+    lowers["new/"] = layerkit.DIR
+    s = wk.Stack(tmp_path, [lowers], "s")
+    storm = None
+    with wk.watchdog(tmp_path, 240, "crash test"):
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt,
+                                 check_exit=False) as fm:
+            storm = Storm(s.mnt)
+            threads = [threading.Thread(target=storm.worker, args=(t,), daemon=True)
+                       for t in range(NTHREADS)]
+            for th in threads:
+                th.start()
+            time.sleep(delay)
+            wk.kill9(fm)
+            storm.stop.set()
+            for th in threads:
+                th.join(timeout=30)
+            assert not any(th.is_alive() for th in threads), "writers stuck after kill -9"
+        assert sum(storm.acked.values()) > 0, "nothing was acknowledged before the kill"
+
+        # the upper, as the crash left it
+        upper_names = set(wk.tree_paths(s.upper))
+        allowed = ({"d", "new"} | {f"d/f{i:02d}" for i in range(NFILES)}
+                   | {f"new/{n}" for n in storm.new_tried}
+                   | {f"new/{n}" for n in storm.renamed_tried}
+                   | {f"new/tmp_{t}" for t in range(NTHREADS)})
+        assert upper_names <= allowed, f"unexpected names in the upper: {upper_names - allowed}"
+        for i in range(NFILES):
+            name = f"f{i:02d}"
+            up = s.upper / "d" / name
+            if os.path.lexists(up):
+                _check_lower_file(wk.read_file(up), f"upper d/{name}", name, lowers[f"d/{name}"],
+                                  storm.acked.get(name, 0), storm.inflight.get(name, 0))
+
+        # remount on the same upper and workdir
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt) as fm2:
+            m = s.mnt
+            assert sorted(os.listdir(m / "d")) == [f"f{i:02d}" for i in range(NFILES)]
+            for i in range(NFILES):
+                name = f"f{i:02d}"
+                _check_lower_file(wk.read_file(m / "d" / name), f"merged d/{name}", name,
+                                  lowers[f"d/{name}"], storm.acked.get(name, 0),
+                                  storm.inflight.get(name, 0))
+            names = set(os.listdir(m / "new"))
+            tmp_names = {f"tmp_{t}" for t in range(NTHREADS)}
+            assert names <= set(storm.new_tried) | set(storm.renamed_tried) | tmp_names, \
+                f"unexpected names in the merged view: {names - set(storm.new_tried)}"
+            for n, data in storm.new_acked.items():
+                assert wk.read_file(m / "new" / n) == data, f"acknowledged new/{n} lost"
+            for n in names & set(storm.new_tried):
+                got = wk.read_file(m / "new" / n)
+                assert got in (b"", storm.new_tried[n]), f"new/{n}: torn content {got[:80]!r}"
+            for n, data in storm.renamed_acked.items():
+                got = wk.read_file(m / "new" / n)
+                versions = storm.renamed_tried[n]
+                assert got in versions[versions.index(data):], \
+                    f"rename target new/{n}: {got!r}, acknowledged {data!r}"
+            # it still works
+            with open(m / "d/f00", "ab") as f:
+                f.write(b"after remount\n")
+            wk.write_file(m / "new/after", b"ok", fsync=True)
+            assert wk.read_file(m / "new/after") == b"ok"
+            assert fm2.proc.poll() is None
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.1, 0.3])
+def test_kill9_during_big_copyup(tmp_path, delay):
+    """Kill while one big file is being copied up: afterwards the upper holds either no
+    copy or a complete one, and the merged view shows the whole file."""
+    require_fuse()
+    fuse_only("kills the FUSE daemon")
+    big = random.Random(7).randbytes(96 << 20)
+    s = wk.Stack(tmp_path, [{"big": big, "small": "s\n"}], "s")
+    with wk.watchdog(tmp_path, 240, "crash test"):
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt,
+                                 check_exit=False) as fm:
+            opened = []
+
+            def opener():
+                with contextlib.suppress(OSError):
+                    fd = os.open(s.mnt / "big", os.O_WRONLY | os.O_APPEND)
+                    opened.append(True)
+                    os.write(fd, b"TAIL")
+                    os.fsync(fd)
+                    opened.append("acked")
+                    os.close(fd)
+
+            th = threading.Thread(target=opener, daemon=True)
+            th.start()
+            time.sleep(delay)
+            wk.kill9(fm)
+            th.join(timeout=30)
+            assert not th.is_alive()
+        names = set(wk.tree_paths(s.upper))
+        assert names <= {"big"}, f"unexpected names in the upper: {names}"
+        if "big" in names:
+            data = wk.read_file(s.upper / "big")
+            assert data in (big, big + b"TAIL"), \
+                f"partial copy-up visible in the upper: {len(data)} of {len(big)} bytes"
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt):
+            data = wk.read_file(s.mnt / "big")
+            ok = (big + b"TAIL",) if "acked" in opened else (big, big + b"TAIL")
+            assert data in ok, f"merged big: {len(data)} bytes (lower {len(big)})"
+            assert os.listdir(s.mnt) == ["big", "small"] or \
+                sorted(os.listdir(s.mnt)) == ["big", "small"]
