@@ -402,3 +402,27 @@ def watchdog(path, seconds, what="test"):
         t.cancel()
     if fired:
         raise Hang(f"{what}: still running after {seconds}s; FUSE connections aborted")
+
+
+def compare_uppers(kern_upper, ours_upper, kern_lowers):
+    """Compare two normalized upper dirs. Returns (differences, redundant): an entry that
+    only one side has and that is an unmodified copy of the topmost lower entry (same type,
+    mode, owner, xattrs, content) is a copy-up the other side did not need, which the merged
+    view cannot show; those go to ``redundant`` instead of ``differences``."""
+    a, b = upper_snapshot(kern_upper), upper_snapshot(ours_upper)
+    lower_snaps = [upper_snapshot(d) for d in kern_lowers]
+    diffs, redundant = [], []
+    for rel in sorted(set(a) | set(b)):
+        if rel in a and rel in b:
+            if a[rel] != b[rel]:
+                diffs += diff_snapshots({rel: a[rel]}, {rel: b[rel]}, "kernel", "ours")
+            continue
+        side, e = ("kernel", a[rel]) if rel in a else ("ours", b[rel])
+        low = next((s[rel] for s in lower_snaps if rel in s), None)
+        if low is not None and e.get("type") in ("dir", "file", "symlink") and \
+                {k: v for k, v in low.items() if k != "opaque"} == \
+                {k: v for k, v in e.items() if k != "opaque"} and not e.get("opaque"):
+            redundant.append(f"{rel}: copied up only by {side} (unchanged copy of the lower)")
+        else:
+            diffs.append(f"{rel}: only in {side}'s upper: {e}")
+    return diffs, redundant
