@@ -28,6 +28,7 @@ import writekit as wk
 pytestmark = [
     pytest.mark.mount,
     pytest.mark.kernel,
+    pytest.mark.skipif(wk.kernel_mode(), reason="OVL_TEST_PROG=kernel: nothing to compare"),
     pytest.mark.skipif(not (wk.fuse_available() and wk.kernel_overlay_available()),
                        reason="needs /dev/fuse, fusermount3 and the kernel overlay driver as root"),
 ]

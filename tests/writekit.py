@@ -159,6 +159,13 @@ class Stack:
         return exits.enter_context(layerkit.fuse_mount(
             None, self.lowers, self.upper, self.work, self.mnt, options, **kw))
 
+    def mount_tested(self, exits, options=()):
+        """Mount with what is under test: ours (or $OVL_TEST_PROG), or with
+        OVL_TEST_PROG=kernel the kernel overlay (the lowers must be in kernel format)."""
+        if kernel_mode():
+            return self.mount_kernel(exits)
+        return self.mount_ours(exits, options)
+
     def mount_kernel(self, exits, options=KERNEL_OPTS, lowers=None):
         """Mount with the kernel overlay (lowers may be replaced, e.g. by kernel-format
         copies); returns the mount point."""
