@@ -161,7 +161,7 @@ class OverlayWriteMachine(RuleBasedStateMachine):
                  "wronly": os.O_WRONLY | os.O_CREAT}[how]
 
         def op(path):
-            fd = os.open(path, flags, 0o640)
+            fd = os.open(path, flags | os.O_NONBLOCK, 0o640)     # (fifos: no blocking)
             try:
                 n = os.write(fd, data)
                 if sync:
@@ -174,8 +174,11 @@ class OverlayWriteMachine(RuleBasedStateMachine):
     @rule(p=paths)
     def read(self, p):
         def op(path):
-            with open(path, "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                return os.read(fd, 1 << 16)
+            finally:
+                os.close(fd)
         self.both("read", op, p)
 
     @rule(p=paths, size=st.sampled_from([0, 3, 200]))
@@ -250,7 +253,7 @@ class OverlayWriteMachine(RuleBasedStateMachine):
     def unlink_while_open(self, p, data):
         """Deleting an open file keeps the fd working."""
         def op(path):
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
             try:
                 os.unlink(path)
                 os.pwrite(fd, data, 0)
