@@ -318,6 +318,24 @@ class Fixtures:
         mount_files = s.stat_paths + (s.mount_depth - 1) * s.layer_files
         return {"layers": nlayers, "mount_stack_files": mount_files}
 
+    def prime(self) -> float:
+        """Read every fixture file once. On a VM the host caches the virtual disk too; without
+        this, whichever target happens to run first in a "cold" cell reads from the real disk
+        and looks several times slower (seen: tar cold 35 s vs 6 s). "Cold" in this bench
+        means the guest's caches are dropped."""
+        t0 = time.monotonic()
+        buf = bytearray(MiB)
+        for top in (self.image, self.gitrepo, self.stack):
+            for dirpath, _dirs, files in os.walk(top):
+                for name in files:
+                    p = os.path.join(dirpath, name)
+                    if os.path.islink(p):
+                        continue
+                    with open(p, "rb", buffering=0) as f:
+                        while f.readinto(buf):
+                            pass
+        return time.monotonic() - t0
+
     def stat_paths(self) -> List[str]:
         nd = max(1, self.sizes.stat_paths // 100)
         return [f"usr/lib/d{k:02d}/f{m:03d}" for k in range(nd) for m in range(100)]
@@ -664,6 +682,7 @@ class Bench:
         self.targets = self._make_targets()
         self.metrics: Dict[str, Metric] = {}
         self.values: Dict[str, Dict[str, List[float]]] = {}
+        self.by_rep: Dict[str, Dict[str, Dict[int, float]]] = {}
         self.errors: Dict[str, Dict[str, List[str]]] = {}
         self.na: Dict[str, Dict[str, str]] = {}
         self.checks: Dict[str, Dict[str, set]] = {}
@@ -766,8 +785,19 @@ class Bench:
     def metric(name: str, unit: str, higher_better: bool = False, **kw) -> Metric:
         return Metric(name, unit, higher_better, **kw)
 
-    def record(self, metric: str, target: str, value: float) -> None:
+    def record(self, metric: str, target: str, value: float, rep: int) -> None:
         self.values.setdefault(metric, {}).setdefault(target, []).append(value)
+        self.by_rep.setdefault(metric, {}).setdefault(target, {})[rep] = value
+
+    def paired(self, metric: str, target: str, ref_metric: str, ref_target: str,
+               higher_better: bool) -> Optional[float]:
+        """Median over repetitions of the per-repetition ratio. Targets are interleaved, so the
+        two values of one repetition ran close together, under the same background load."""
+        a = self.by_rep.get(metric, {}).get(target, {})
+        b = self.by_rep.get(ref_metric, {}).get(ref_target, {})
+        ratios = [slowdown(a[r], b[r], higher_better) for r in a if r in b]
+        ratios = [x for x in ratios if x is not None]
+        return statistics.median(ratios) if ratios else None
 
     def record_error(self, metric: str, target: str, err: str) -> None:
         self.errors.setdefault(metric, {}).setdefault(target, []).append(err)
@@ -880,7 +910,7 @@ class Bench:
                     finally:
                         timer.cancel()
                     for n, v in got.items():
-                        self.record(n, t.name, v)
+                        self.record(n, t.name, v, rep)
                     shown = ", ".join(f"{n.split(',')[-1].strip() if ',' in n else n}="
                                       f"{fmt_value(v, self.metrics[n].unit)}" for n, v in got.items())
                     log(f"{wl} rep {rep + 1}/{reps} {t.name}: {shown}  "
@@ -1188,20 +1218,20 @@ class Bench:
                 if na:
                     cell["na"] = na
                 row[c] = cell
-            plain = row.get("plain", {}).get("median")
             for c in cols:
-                med = row[c].get("median")
-                if med is not None and plain is not None and c != "plain":
-                    row[c]["vs_plain"] = slowdown(med, plain, m.higher_better)
+                if c != "plain" and "median" in row[c]:
+                    r = self.paired(name, c, name, "plain", m.higher_better)
+                    if r is not None:
+                        row[c]["vs_plain"] = r
             if m.depth is not None and m.depth != self.sizes.depths[0]:
                 base = self.stat_name(self.sizes.depths[0], m.cold)
                 for c in cols:
-                    med = row[c].get("median")
-                    ref = self.values.get(base, {}).get(c)
                     if c == "plain":
                         continue          # plain stats the bottom layer alone at every depth
-                    if med is not None and ref:
-                        row[c]["vs_1layer"] = slowdown(med, statistics.median(ref), False)
+                    if "median" in row[c]:
+                        r = self.paired(name, c, base, c, False)
+                        if r is not None:
+                            row[c]["vs_1layer"] = r
             rows[name] = {"unit": m.unit, "higher_is_better": m.higher_better, "cells": row}
         return rows
 
@@ -1355,12 +1385,14 @@ def render_section(mode: str, meta: dict, table: str, notes: List[str]) -> str:
         ", ".join(f"{k}={v}" for k, v in mi["overlay_params"].items()),
         f"- python {mi['python']}, repo at {mi['repo_commit']}, overlayfs-py command: "
         f"`{meta['ours_cmd']}`",
-        f"- {meta['reps']} repetitions per cell, targets interleaved; median shown; "
-        f"ratio = times slower than plain (for rates: plain rate / target rate); "
-        f"`1L` = times the same target's 1-layer stat time",
+        f"- {meta['reps']} repetitions per cell, targets interleaved; the value is the median; "
+        f"(R×) = median over repetitions of (target ÷ plain) in the same repetition, i.e. times "
+        f"slower than plain (rates: plain ÷ target); `1L` = the same for this target's 1-layer "
+        f"stat time",
         f"- wall time {meta['wall_seconds'] / 60:.1f} min (fixture build "
         f"{meta['fixture_build_seconds']:.0f} s, reused when cached); load average at start "
-        f"{' '.join(mi['loadavg'])}",
+        f"{' '.join(mi['loadavg'])}, at end {' '.join(meta.get('loadavg_end', []))} "
+        f"(2 vCPUs, shared with other work: see README)",
         f"- raw data: `benchmarks/{meta['json_name']}`",
         "",
         table,
@@ -1455,6 +1487,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     bench.fx.build()
     build_s = time.monotonic() - t0
+    log(f"primed the host's cache of the fixtures in {bench.fx.prime():.1f} s")
     ours_t = next((t for t in bench.targets if t.name == "overlayfs-py"), None)
     log(f"mode {bench.sizes.mode}, targets {[t.name for t in bench.targets]}, reps {args.reps}; "
         f"overlayfs-py = {' '.join(ours_t.cmd) if ours_t else '-'}")
@@ -1488,8 +1521,9 @@ def main(argv=None) -> int:
         json.dump({"meta": meta, "results": rows, "checks": checks, "notes": notes}, f,
                   indent=1, default=str)
     print()
-    print(f"{bench.sizes.mode} run, {args.reps} reps, {wall / 60:.1f} min wall "
-          f"(ratio: times slower than plain; 1L: times the same target's 1-layer time)")
+    print(f"{bench.sizes.mode} run, {args.reps} reps, {wall / 60:.1f} min wall (value: median; "
+          f"ratio: times slower than plain, paired per repetition; 1L: vs the same target's "
+          f"1-layer time)")
     print(table)
     if notes:
         print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
