@@ -41,12 +41,37 @@ UNIVERSE = ([t for t in TOP] + [f"{t}/{m}" for t in TOP for m in MID]
 
 # What a path can be in one lower layer ("absent" first: hypothesis shrinks towards it).
 LOWER_KINDS = ["absent", "absent", "absent", "file", "file", "dir", "dir", "symlink",
-               "whiteout", "wh_file", "opaque", "opq_file", "fifo"]
+               "whiteout", "wh_file", "opaque", "opq_file", "fifo", "hardlink"]
 
 paths = st.sampled_from(UNIVERSE)
 HANG_SECONDS = 15
 TRACE = bool(os.environ.get("OVL_DIFF_TRACE"))
 payloads = st.sampled_from([b"", b"new", b"0123456789" * 10, b"x"])
+
+
+def merge_view(below, kinds):
+    """The merged view {path: 'dir'|'other'} of a layer (path -> kind) over ``below``."""
+    view = dict(below)
+
+    def drop_under(p):
+        for q in [q for q in view if q.startswith(p + "/")]:
+            del view[q]
+
+    for p in sorted(kinds, key=lambda q: q.count("/")):
+        k = kinds[p]
+        if k == "absent":
+            continue
+        if k in ("whiteout", "wh_file"):
+            view.pop(p, None)
+            drop_under(p)
+        elif k in ("dir", "opaque", "opq_file"):
+            if k != "dir" or view.get(p) != "dir":
+                drop_under(p)
+            view[p] = "dir"
+        else:
+            view[p] = "other"
+            drop_under(p)
+    return view
 
 
 @st.composite
@@ -57,7 +82,7 @@ def layer_specs(draw):
     quirk of meaningless layers that this test does not try to reproduce."""
     n = draw(st.integers(min_value=2, max_value=3))
     layers = []
-    dirs_below = set()
+    visible_below = {}         # the merged view of the layers generated so far: path -> kind
     for li in reversed(range(n)):
         spec = {}
         kinds = {}
@@ -67,15 +92,26 @@ def layer_specs(draw):
                 continue
             k = draw(st.sampled_from(LOWER_KINDS))
             if k in ("whiteout", "wh_file") and parent and (
-                    parent not in dirs_below or kinds.get(parent) != "dir"):
+                    visible_below.get(parent) != "dir" or kinds.get(parent) != "dir"):
                 k = "absent"
             kinds[p] = k
             if k == "absent":
                 continue
-            if k == "file":
-                spec[p] = f"layer{li}:{p}\n"
+            if k == "hardlink":
+                files = [q for q, kq in kinds.items() if kq == "file"]
+                if not files:
+                    kinds[p] = "absent"
+                    continue
+                spec[p] = layerkit.Hardlink(draw(st.sampled_from(files)))
+            elif k == "file":
+                spec[p] = layerkit.File(f"layer{li}:{p}\n",
+                                        mode=draw(st.sampled_from([0o644, 0o600, 0o666])),
+                                        uid=draw(st.sampled_from([None, 1000])),
+                                        xattrs=draw(st.sampled_from([{}, {"user.k1": b"low"}])))
             elif k == "dir":
-                spec[p] = layerkit.DIR
+                spec[p] = layerkit.Dir(mode=draw(st.sampled_from([0o755, 0o777, 0o1777, 0o700])),
+                                       uid=draw(st.sampled_from([None, 1000])),
+                                       xattrs=draw(st.sampled_from([{}, {"user.k2": b"d"}])))
             elif k == "symlink":
                 spec[p] = layerkit.Symlink(draw(st.sampled_from(["x", "../a", "nowhere", "z"])))
             elif k == "whiteout":
@@ -88,14 +124,57 @@ def layer_specs(draw):
                 spec[p] = layerkit.OPAQUE_OCI
             elif k == "fifo":
                 spec[p] = layerkit.FIFO
-        dirs_below |= {p for p, k in kinds.items() if k in ("dir", "opaque", "opq_file")}
+        visible_below = merge_view(visible_below, kinds)
         layers.append(spec)
     layers.reverse()
     return layers
 
 
-MODES = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o000])
+MODES = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o000, 0o777, 0o1777])
 OWNERS = st.sampled_from([(0, 0), (1000, 1000), (-1, 1000), (1000, -1)])
+
+
+def run_as(uid, gid, what, path):
+    """Run one operation in a child process with the given ids; returns the errno name or
+    'ok' (raises nothing: the result is compared)."""
+    import errno as _errno
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            if what == "create":
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o664)
+                os.write(fd, b"user")
+                os.close(fd)
+            elif what == "append":
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+                os.write(fd, b"+user")
+                os.close(fd)
+            elif what == "read":
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                os.read(fd, 100)
+                os.close(fd)
+            elif what == "mkdir":
+                os.mkdir(path, 0o775)
+            elif what == "unlink":
+                os.unlink(path)
+            elif what == "rmdir":
+                os.rmdir(path)
+            elif what == "chmod":
+                os.chmod(path, 0o640)
+        except OSError as e:
+            code = e.errno
+        except BaseException:
+            code = 255
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return "ok"
+    return _errno.errorcode.get(code, str(code))
 
 
 class OverlayWriteMachine(RuleBasedStateMachine):
@@ -277,6 +356,15 @@ class OverlayWriteMachine(RuleBasedStateMachine):
     @rule(p=paths)
     def listdir(self, p):
         self.both("listdir", lambda path: sorted(os.listdir(path)), p)
+
+    @rule(p=paths, what=st.sampled_from(["create", "append", "mkdir", "unlink", "rmdir",
+                                         "read", "chmod"]))
+    def as_user(self, p, what):
+        """The same operation by an unprivileged user (uid/gid 1000): permission checks,
+        and the owner of what it creates."""
+        def op(path):
+            return run_as(1000, 1000, what, path)
+        self.both(f"as_user[{what}]", op, p)
 
     # -- invariant ------------------------------------------------------------------------
 

@@ -847,3 +847,25 @@ def test_fsync_reaches_upper_by_default(make_layers, mounted, tmp_path):
 def test_volatile_and_fsync0_skip_fsync(make_layers, mounted, tmp_path, options):
     n, text = _count_fsyncs(make_layers, mounted, tmp_path, options)
     assert n == 0, f"{options}: {n} sync calls reached the upper layer:\n" + text
+
+
+# ---------------------------------------------------------------------------------------------
+# hard links inside a lower layer
+# ---------------------------------------------------------------------------------------------
+
+def test_lower_hardlinks_break_on_copy_up(ovl):
+    """Without an index (the kernel's default here), copying up one name of a lower hard
+    link breaks the link: the other names keep showing the lower file. Whatever is shown
+    must also be what a remount shows (it is what the upper holds)."""
+    from layerkit import Hardlink
+    o = ovl({"a": "lower a\n", "h": Hardlink("a"), "d/h2": Hardlink("a")})
+    assert os.lstat(o.p("a")).st_nlink == 3
+    with open(o.p("a"), "ab") as f:
+        f.write(b"new\n")
+    assert wk.read_file(o.p("a")) == b"lower a\nnew\n"
+    assert wk.read_file(o.p("h")) == b"lower a\n"
+    assert wk.read_file(o.p("d/h2")) == b"lower a\n"
+    assert os.lstat(o.p("a")).st_nlink == 1
+    assert os.lstat(o.p("a")).st_ino != os.lstat(o.p("h")).st_ino
+    assert os.lstat(o.p("h")).st_ino == os.lstat(o.p("d/h2")).st_ino
+    assert o.upper_names() == ["a"]
