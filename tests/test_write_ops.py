@@ -578,6 +578,32 @@ def test_rename_flags_invalid(ovl):
     o = ovl(BASE)
     assert err(wk.renameat2, o.p("f"), o.p("g"),
                wk.RENAME_NOREPLACE | wk.RENAME_EXCHANGE) == "EINVAL"
+    assert err(wk.renameat2, o.p("f"), o.p("f2"), wk.RENAME_WHITEOUT) == "EINVAL"
+    assert err(wk.renameat2, o.p("f"), o.p("f2"), 1 << 7) == "EINVAL"
+    assert os.path.exists(o.p("f")) and not os.path.lexists(o.p("f2"))
+    assert o.upper_names() == []
+
+
+def test_removed_directory_fd(ovl):
+    o = ovl(BASE)
+    os.mkdir(o.p("nd"))
+    fd = os.open(o.p("nd"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(o.p("nd"))
+        os.fsync(fd)
+        assert os.listdir(fd) == []
+        assert err(os.open, "x", os.O_WRONLY | os.O_CREAT, dir_fd=fd) == "ENOENT"
+    finally:
+        os.close(fd)
+    # the same for a lower directory (it becomes a whiteout)
+    fd = os.open(o.p("empty"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(o.p("empty"))
+        assert os.listdir(fd) == []
+        assert err(os.mkdir, "x", dir_fd=fd) == "ENOENT"
+    finally:
+        os.close(fd)
+    assert is_whiteout(o.u("empty"))
 
 
 def test_rename_lower_dir_is_exdev(ovl):
