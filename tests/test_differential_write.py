@@ -181,6 +181,7 @@ class OverlayWriteMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.tmp = None
+        self.fds = []              # open (ours, kernel) fd pairs
         self.ours = None
         self.kern = None
 
@@ -202,6 +203,13 @@ class OverlayWriteMachine(RuleBasedStateMachine):
         if self.tmp is None:
             return
         try:
+            for fo, fk in self.fds:
+                for fd in (fo, fk):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self.fds = []
             self.exits.close()       # unmounts both; fails if our daemon did not exit 0
             diff, redundant = wk.compare_uppers(self.kern.upper, self.ours.upper,
                                                 self.kern.lowers)
@@ -365,6 +373,52 @@ class OverlayWriteMachine(RuleBasedStateMachine):
         def op(path):
             return run_as(1000, 1000, what, path)
         self.both(f"as_user[{what}]", op, p)
+
+    @precondition(lambda self: len(self.fds) < 3)
+    @rule(p=paths, how=st.sampled_from(["r", "rw", "w-append"]))
+    def open_keep(self, p, how):
+        """Keep a file open across later operations (renames, unlinks, copy-ups)."""
+        flags = {"r": os.O_RDONLY, "rw": os.O_RDWR,
+                 "w-append": os.O_WRONLY | os.O_APPEND}[how] | os.O_NONBLOCK
+        fo = wk.attempt(os.open, os.path.join(self.ours.mnt, p), flags)
+        fk = wk.attempt(os.open, os.path.join(self.kern.mnt, p), flags)
+        if fo[0] == "ok" and fk[0] == "ok":
+            self.fds.append((fo[1], fk[1]))
+        else:
+            for r in (fo, fk):
+                if r[0] == "ok":
+                    os.close(r[1])
+        assert wk.outcome(fo) == wk.outcome(fk), f"open[{how}] {p}: kernel -> {fk}, ours -> {fo}"
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, 2), what=st.sampled_from(["write", "read", "fstat", "ftruncate",
+                                                      "fsync", "close"]),
+          data=payloads)
+    def fd_op(self, i, what, data):
+        fo, fk = self.fds[i % len(self.fds)]
+
+        def op(fd):
+            if what == "write":
+                return os.write(fd, data)
+            if what == "read":
+                return os.pread(fd, 1 << 16, 0)
+            if what == "fstat":
+                st_ = os.fstat(fd)
+                return (oct(st_.st_mode), st_.st_size, st_.st_nlink, st_.st_uid, st_.st_gid)
+            if what == "ftruncate":
+                return os.ftruncate(fd, 5)
+            if what == "fsync":
+                return os.fsync(fd)
+            if what == "close":
+                return os.close(fd)
+        with wk.hang_guard(self.conn, HANG_SECONDS, f"fd {what}"):
+            ro = wk.attempt(op, fo)
+        rk = wk.attempt(op, fk)
+        if what == "close":
+            self.fds.remove((fo, fk))
+        if TRACE:
+            print(f"fd[{i}] {what}: kernel={rk} ours={ro}", file=sys.stderr)
+        assert ro == rk, f"fd {what}: kernel -> {rk}, ours -> {ro}"
 
     # -- invariant ------------------------------------------------------------------------
 
