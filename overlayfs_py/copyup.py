@@ -25,6 +25,12 @@ from .overlay import UPPER, Overlay
 log = logging.getLogger("overlayfs_py")
 
 _MUST_COPY_PREFIXES = ("security.", "system.posix_acl")
+METACOPY_XATTR = "trusted.overlay.metacopy"
+
+
+def is_metacopy(node: Node) -> bool:
+    """A metadata-only copy-up: upper object first, the layer holding its data last."""
+    return not node.is_dir and len(node.layers) > 1
 
 
 class Workdir:
@@ -141,10 +147,12 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
 class CopyUp:
     """Copy-up of non-directories, with one copy per node even under concurrent first writes."""
 
-    def __init__(self, ov: Overlay, work: Workdir, fsync: bool):
+    def __init__(self, ov: Overlay, work: Workdir, fsync: bool, metacopy: bool = False):
         self.ov = ov
         self.work = work
         self.fsync = fsync
+        self.metacopy = metacopy
+        self.metacopy_xattr = METACOPY_XATTR
         self._locks: Dict[int, trio.Lock] = {}
 
     def in_progress(self, node: Node) -> bool:
@@ -157,22 +165,56 @@ class CopyUp:
             async with lock:
                 pass
 
-    async def copy_up(self, node: Node, data: bool = True) -> None:
-        if node.layer == UPPER:
+    async def copy_up(self, node: Node, data: bool = True, meta_only: bool = False) -> None:
+        """Make ``node`` an upper object. ``data=False``: its contents are about to be
+        truncated away. ``meta_only``: only metadata will change, so with metacopy=on a
+        regular file gets a metadata-only copy (data stays in the lower layer)."""
+        if node.layer == UPPER and not is_metacopy(node):
             return
         if node.is_dir:
             ensure_upper_dir(self.ov, self.work, node)
             return
+        if meta_only and is_metacopy(node):
+            return
         lock = self._locks.setdefault(node.ino, trio.Lock())
         try:
             async with lock:
-                if node.layer != UPPER:
-                    await self._copy_up_file(node, data)
+                if is_metacopy(node):
+                    if not meta_only:
+                        await self._complete_metacopy(node, data)
+                elif node.layer != UPPER:
+                    await self._copy_up_file(node, data, meta_only and self.metacopy)
         finally:
             if self._locks.get(node.ino) is lock and not lock.statistics().tasks_waiting:
                 del self._locks[node.ino]
 
-    async def _copy_up_file(self, node: Node, data: bool) -> None:
+    async def _complete_metacopy(self, node: Node, data: bool) -> None:
+        """First data change of a metadata-only copy: fill the upper file in place, then drop
+        the metacopy xattr. Until the xattr is gone the data is read from the lower file, so
+        a crash half way leaves the old, complete contents visible (as in the kernel)."""
+        ov = self.ov
+        parent, name = node.paths[0]
+        up_fd = ov.dirfd(parent, UPPER)
+        lo_fd = ov.dirfd(parent, node.layers[-1])
+        dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=up_fd)
+        try:
+            if data:
+                src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lo_fd)
+                try:
+                    size = os.fstat(dst).st_size
+                    await trio.to_thread.run_sync(self._copy_data, src, dst, size)
+                finally:
+                    os.close(src)
+            os.removexattr(dst, self.metacopy_xattr)
+        finally:
+            os.close(dst)
+        node.layers = (UPPER,)
+        ov.changed(node)
+        if node.handles:
+            for h in list(node.handles):
+                h.reopen_after_copy_up(ov, parent, name)
+
+    async def _copy_up_file(self, node: Node, data: bool, meta_only: bool = False) -> None:
         ov, work = self.ov, self.work
         parent, name = node.paths[0]
         parent_fd = ensure_upper_dir(ov, work, parent)
@@ -181,7 +223,10 @@ class CopyUp:
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
         tmp = work.temp_name()
         try:
-            if stat.S_ISREG(st.st_mode):
+            metacopy = meta_only and stat.S_ISREG(st.st_mode) and st.st_size > 0
+            if metacopy:
+                self._copy_metadata_only(src_dir, name, tmp, st)
+            elif stat.S_ISREG(st.st_mode):
                 await self._copy_regular(src_dir, name, tmp, st, data)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(name, dir_fd=src_dir)
@@ -210,7 +255,28 @@ class CopyUp:
             raise
         _restore_times(parent_fd, parent_st)
         new = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        lower = node.layer
         self._install(node, parent, name, new)
+        if metacopy:
+            node.layers = (UPPER, lower)
+
+    def _copy_metadata_only(self, src_dir: int, name: bytes, tmp: bytes,
+                            st: os.stat_result) -> None:
+        """The kernel's metacopy format: a sparse upper file of the right size with all the
+        metadata and an empty ``trusted.overlay.metacopy`` xattr."""
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=self.work.fd)
+            try:
+                os.ftruncate(dst, st.st_size)
+                copy_xattrs(src, dst)
+                os.setxattr(dst, self.metacopy_xattr, b"")
+                _copy_attrs_fd(dst, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     async def _copy_regular(self, src_dir: int, name: bytes, tmp: bytes,
                             st: os.stat_result, data: bool) -> None:

@@ -74,7 +74,7 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = bool(config.writeback and self.writable)
         self.handles = HandleTable()
         if self.writable:
-            self.cu = CopyUp(ov, work, fsync=config.fsync)
+            self.cu = CopyUp(ov, work, fsync=config.fsync, metacopy=config.metacopy)
             self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
 
     # ---------------------------------------------------------------- helpers
@@ -139,7 +139,8 @@ class Operations(pyfuse3.Operations):
         if node.unlinked:
             return self._setattr_unlinked(node, attr, fields, h)
         truncating_to_zero = fields.update_size and attr.st_size == 0
-        await self.cu.copy_up(node, data=not truncating_to_zero)
+        await self.cu.copy_up(node, data=not truncating_to_zero,
+                              meta_only=not fields.update_size)
         if fields.update_size:
             if h is not None and h.writable:
                 os.ftruncate(h.fd, attr.st_size)
@@ -251,7 +252,8 @@ class Operations(pyfuse3.Operations):
         if writing:
             self._need_writable()
             await self.cu.copy_up(node, data=not flags & os.O_TRUNC)
-        dir_fd, name = self.ov.parent_fd(node)
+        # a metadata-only copy reads its data from the lower layer that holds it
+        dir_fd, name = self.ov.parent_fd(node, node.layers[-1])
         fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
         h = self.handles.open_file(fd, node, flags, bool(writing))
         return self._file_info(h)
@@ -436,7 +438,7 @@ class Operations(pyfuse3.Operations):
         if whiteout.is_private_xattr(sname):
             raise fuse_error(errno.EOPNOTSUPP)
         node = self._node(inode)
-        await self.cu.copy_up(node)
+        await self.cu.copy_up(node, meta_only=True)
         with self.ov.object_path(node) as p:
             os.setxattr(p, sname, value)
         self.ov.changed(node)
@@ -450,7 +452,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         with self.ov.object_path(node) as p:
             os.getxattr(p, sname)             # ENODATA before any copy-up, as the kernel
-        await self.cu.copy_up(node)
+        await self.cu.copy_up(node, meta_only=True)
         with self.ov.object_path(node) as p:
             os.removexattr(p, sname)
         self.ov.changed(node)

@@ -167,7 +167,13 @@ class Overlay:
         key = (top, st.st_dev, st.st_ino)
         node = self.table.find(key)
         if node is None or node.is_dir != is_dir or node.unlinked:
-            layers = self._cut_dir_layers(parent, name, occ) if is_dir else (top,)
+            if is_dir:
+                layers = self._cut_dir_layers(parent, name, occ)
+            elif self.config.metacopy and len(occ) > 1 and stat.S_ISREG(st.st_mode) \
+                    and not occ[1][1] and self._is_metacopy(parent, top, name):
+                layers = (top, occ[1][0])        # metadata here, data in the lower file
+            else:
+                layers = (top,)
             node = self.table.add(
                 Node(self.table.new_ino(key), parent, name, is_dir, layers, key))
         else:
@@ -178,6 +184,14 @@ class Overlay:
             kids = parent.kids = {}
         kids[name] = node
         return node
+
+    def _is_metacopy(self, parent: Node, layer: int, name: bytes) -> bool:
+        path = b"/proc/self/fd/%d/%s" % (self.dirfd(parent, layer), name)
+        try:
+            os.getxattr(path, "trusted.overlay.metacopy", follow_symlinks=False)
+            return True
+        except OSError:
+            return False
 
     def changed(self, node: Node) -> None:
         """The object behind node changed (attributes, size, links): drop cached attributes."""
