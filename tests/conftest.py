@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -70,6 +71,11 @@ def pytest_configure(config):
                    "instead of hanging the run")
 
 
+class WatchdogTimeout(BaseException):
+    """Raised in the test's main thread when the watchdog fires (a BaseException, so that a
+    test's own ``except Exception`` cannot swallow it)."""
+
+
 @pytest.fixture(autouse=True)
 def _hang_watchdog(request, tmp_path_factory):
     marker = request.node.get_closest_marker("timeout")
@@ -77,19 +83,39 @@ def _hang_watchdog(request, tmp_path_factory):
                                                                        DEFAULT_TIMEOUT))
     base = tmp_path_factory.getbasetemp()
     fired: List[str] = []
+    done = threading.Event()
+    main = threading.main_thread().ident
+    use_signal = threading.current_thread() is threading.main_thread()
 
-    def fire():
-        killed = layerkit.kill_descendants(os.getpid())
-        aborted = layerkit.abort_fuse_mounts_under(base)
-        fired.append(f"killed pids {killed}, aborted FUSE mounts {aborted}")
+    def on_alarm(signum, frame):
+        if fired and not done.is_set():
+            raise WatchdogTimeout(f"watchdog: the test ran longer than {limit:.0f} s")
 
-    timer = threading.Timer(limit, fire)
-    timer.daemon = True
-    timer.start()
+    def watch():
+        if done.wait(limit):
+            return
+        # Until the test ends: kill the daemons it started (that aborts their FUSE
+        # connections), abort its FUSE mounts, and interrupt whatever the main thread is
+        # blocked in (a FIFO open, a wait...) with SIGALRM, which raises WatchdogTimeout.
+        while not done.is_set():
+            killed = layerkit.kill_descendants(os.getpid())
+            aborted = layerkit.abort_fuse_mounts_under(base)
+            if not fired:
+                fired.append(f"killed pids {killed}, aborted FUSE mounts {aborted}")
+            if use_signal:
+                signal.pthread_kill(main, signal.SIGALRM)
+            done.wait(5)
+
+    old_handler = signal.signal(signal.SIGALRM, on_alarm) if use_signal else None
+    thread = threading.Thread(target=watch, name="ovl-test-watchdog", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        timer.cancel()
+        done.set()
+        thread.join()
+        if use_signal:
+            signal.signal(signal.SIGALRM, old_handler)
     if fired:
         pytest.fail(f"watchdog: the test ran longer than {limit:.0f} s ({fired[0]})",
                     pytrace=False)
