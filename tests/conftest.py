@@ -130,6 +130,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.kernel)
 
 
+_MOUNTS_AT_START: List[str] = []
+
+
+def _overlayish_mounts() -> List[str]:
+    out = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "overlay" or fields[2].startswith("fuse"):
+                out.append(layerkit._unescape_mount_path(fields[1]))
+    return out
+
+
+def pytest_sessionstart(session):
+    _MOUNTS_AT_START[:] = _overlayish_mounts()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _record_basetemp(tmp_path_factory):
     _BASETEMP.append(tmp_path_factory.getbasetemp())
@@ -137,15 +154,29 @@ def _record_basetemp(tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
     leftovers = []
     for base in _BASETEMP:
         leftovers += layerkit.mounts_under(base)
+    # Mounts that appeared during the session elsewhere (tests that mount in their own
+    # temporary dirs): reported only, and only under CI=..., since on a shared development
+    # machine other sessions mount things too.
+    elsewhere = []
+    if os.environ.get("CI"):
+        elsewhere = [m for m in _overlayish_mounts()
+                     if m not in _MOUNTS_AT_START and m not in leftovers]
+    if elsewhere:
+        note = ("note: overlay/FUSE mounts created during the session are still mounted "
+                "(not under the pytest tmp dir, left alone):\n  " + "\n  ".join(elsewhere))
+        if tr is not None:
+            tr.write_line(note, yellow=True)
+        else:
+            print(note, file=sys.stderr)
     if not leftovers:
         return
     for mp in leftovers:
         layerkit.unmount_quietly(mp)
     msg = "mounts left behind by the tests (now lazily unmounted):\n  " + "\n  ".join(leftovers)
-    tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line("ERROR: " + msg, red=True)
     else:
