@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -913,3 +914,78 @@ def test_lower_hardlinks_break_on_copy_up(ovl, how):
     assert os.lstat(o.p("a")).st_ino != os.lstat(o.p("h")).st_ino
     assert os.lstat(o.p("h")).st_ino == os.lstat(o.p("d/h2")).st_ino
     assert o.upper_names() == ["a"]
+
+
+# ---------------------------------------------------------------------------------------------
+# times, big directories
+# ---------------------------------------------------------------------------------------------
+
+def _times(p):
+    st = os.lstat(p)
+    return st.st_mtime_ns, st.st_ctime_ns
+
+
+def test_times_follow_changes(ovl):
+    """What stat shows through the mount is what the upper holds, and it moves on with
+    every change (make and friends depend on mtimes)."""
+    old = 1_000_000_000
+    o = ovl({"d/f": File("x\n", mtime=old), "d/g": File("y\n", mtime=old),
+             "d/": Dir(mtime=old)})
+    with open(o.p("d/f"), "ab") as f:
+        f.write(b"more\n")
+    m1 = os.lstat(o.p("d/f")).st_mtime_ns
+    assert m1 > old * 10**9
+    assert m1 == os.lstat(o.u("d/f")).st_mtime_ns
+    time.sleep(0.02)
+    with open(o.p("d/f"), "ab") as f:
+        f.write(b"again\n")
+    assert os.lstat(o.p("d/f")).st_mtime_ns > m1
+    assert os.lstat(o.p("d/f")).st_mtime_ns == os.lstat(o.u("d/f")).st_mtime_ns
+    # directory times: create / unlink / rename in it
+    for step in ("create", "unlink", "rename"):
+        before = os.lstat(o.p("d")).st_mtime_ns
+        time.sleep(0.02)
+        if step == "create":
+            wk.write_file(o.p("d/new"), b"n")
+        elif step == "unlink":
+            os.unlink(o.p("d/g"))
+        else:
+            os.rename(o.p("d/new"), o.p("d/new2"))
+        after = os.lstat(o.p("d")).st_mtime_ns
+        assert after > before, f"{step}: directory mtime did not move"
+        assert after == os.lstat(o.u("d")).st_mtime_ns, step
+    # ctime moves on chmod
+    c0 = os.lstat(o.p("d/f")).st_ctime_ns
+    time.sleep(0.02)
+    os.chmod(o.p("d/f"), 0o600)
+    assert os.lstat(o.p("d/f")).st_ctime_ns > c0
+
+
+def test_rm_rf_big_merged_directory(ovl):
+    """readdir + unlink during the listing (rm -rf, shutil.rmtree) over a directory merged
+    from two layers and the upper: nothing is skipped, nothing listed twice."""
+    n = 1500
+    o = ovl({f"big/a{i:04d}": "a" for i in range(0, n, 2)} | {"big/sub/x": "x"},
+            {f"big/a{i:04d}": "b" for i in range(1, n, 2)} | {"big/sub/y": "y"})
+    for i in range(0, n, 7):
+        os.unlink(o.p(f"big/a{i:04d}"))
+    for i in range(300):
+        wk.write_file(o.p(f"big/u{i:03d}"), b"u")
+    names = os.listdir(o.p("big"))
+    assert len(names) == len(set(names))
+    assert set(names) == ({f"a{i:04d}" for i in range(n) if i % 7} | {"sub"}
+                          | {f"u{i:03d}" for i in range(300)})
+    # delete while iterating one open directory stream
+    with os.scandir(o.p("big")) as it:
+        seen = []
+        for e in it:
+            seen.append(e.name)
+            if e.is_dir(follow_symlinks=False):
+                continue
+            os.unlink(e.path)
+    assert len(seen) == len(set(seen)), "an entry was listed twice"
+    left = os.listdir(o.p("big"))
+    assert left == ["sub"], f"entries survived: {sorted(left)[:10]} ({len(left)})"
+    subprocess.run(["rm", "-rf", str(o.p("big"))], check=True)
+    assert not os.path.lexists(o.p("big"))
+    assert is_whiteout(o.u("big"))
