@@ -710,7 +710,7 @@ def test_fifo_works_through_the_mount(make_layers, mounted):
 
 
 def test_reading_files(make_layers, mounted):
-    big = bytes(random.Random(7).getrandbits(8) for _ in range(3 * 1024 * 1024 + 17))
+    big = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
     s = make_layers({"big": big, "empty": ""}, {"small": "abc"})
     m = mounted(s).path
     assert (m / "big").read_bytes() == big
