@@ -26,6 +26,7 @@ import layerkit
 import writekit as wk
 
 pytestmark = [
+    pytest.mark.timeout(1200),        # shrinking a failure mounts twice per attempt
     pytest.mark.mount,
     pytest.mark.kernel,
     pytest.mark.skipif(wk.kernel_mode(), reason="OVL_TEST_PROG=kernel: nothing to compare"),
@@ -76,14 +77,15 @@ def merge_view(below, kinds):
 
 @st.composite
 def layer_specs(draw):
-    """2-3 layers, returned top first. Generated bottom-up so that a whiteout is only put
+    """(lowers, upper spec): 2-3 lower layers, top first, and maybe an upper with content. Generated bottom-up so that a whiteout is only put
     where it hides something that may exist below: the kernel lists whiteouts that sit in a
     directory found in a single layer (it only filters directories that are merged), a
     quirk of meaningless layers that this test does not try to reproduce."""
     n = draw(st.integers(min_value=2, max_value=3))
+    with_upper = draw(st.booleans())        # an upper that already has content (kernel format)
     layers = []
     visible_below = {}         # the merged view of the layers generated so far: path -> kind
-    for li in reversed(range(n)):
+    for li in reversed(range(n + with_upper)):
         spec = {}
         kinds = {}
         for p in UNIVERSE:
@@ -91,6 +93,8 @@ def layer_specs(draw):
             if parent and kinds.get(parent) not in ("dir", "opaque", "opq_file"):
                 continue
             k = draw(st.sampled_from(LOWER_KINDS))
+            if with_upper and li == 0:
+                k = {"wh_file": "whiteout", "opq_file": "opaque"}.get(k, k)
             if k in ("whiteout", "wh_file") and parent and (
                     visible_below.get(parent) != "dir" or kinds.get(parent) != "dir"):
                 k = "absent"
@@ -127,7 +131,9 @@ def layer_specs(draw):
         visible_below = merge_view(visible_below, kinds)
         layers.append(spec)
     layers.reverse()
-    return layers
+    if with_upper:
+        return layers[1:], layers[0]
+    return layers, {}
 
 
 MODES = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o000, 0o777, 0o1777])
@@ -189,11 +195,12 @@ class OverlayWriteMachine(RuleBasedStateMachine):
 
     @initialize(specs=layer_specs())
     def setup_layers(self, specs):
+        specs, upper_spec = specs
         import contextlib
         import tempfile
         self.tmp = tempfile.mkdtemp(prefix="ovl-diff-")
         self.exits = contextlib.ExitStack()
-        self.ours = wk.Stack(self.tmp, specs, name="ours")
+        self.ours = wk.Stack(self.tmp, specs, name="ours", upper_spec=upper_spec)
         self.kern = self.ours.clone("kern", kernel_format=True)
         self.ours.mount_ours(self.exits)
         self.kern.mount_kernel(self.exits)
