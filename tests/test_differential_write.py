@@ -199,6 +199,7 @@ class OverlayWriteMachine(RuleBasedStateMachine):
         import contextlib
         import tempfile
         self.tmp = tempfile.mkdtemp(prefix="ovl-diff-")
+        os.chmod(self.tmp, 0o755)            # the unprivileged user of as_user must get in
         self.exits = contextlib.ExitStack()
         self.ours = wk.Stack(self.tmp, specs, name="ours", upper_spec=upper_spec)
         self.kern = self.ours.clone("kern", kernel_format=True)

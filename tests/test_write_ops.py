@@ -989,3 +989,81 @@ def test_rm_rf_big_merged_directory(ovl):
     subprocess.run(["rm", "-rf", str(o.p("big"))], check=True)
     assert not os.path.lexists(o.p("big"))
     assert is_whiteout(o.u("big"))
+
+
+# ---------------------------------------------------------------------------------------------
+# an unprivileged caller
+# ---------------------------------------------------------------------------------------------
+
+USER = 1000
+
+
+def _create(path, data=b"u"):
+    def fn():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    return fn
+
+
+def _append(path):
+    def fn():
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"+")
+        os.close(fd)
+    return fn
+
+
+def test_unprivileged_caller(ovl):
+    o = ovl({
+        "pub": Dir(mode=0o777),
+        "pub/rootfile": "r\n",
+        "priv": Dir(mode=0o755),
+        "priv/mine": File("m\n", uid=USER, gid=USER),
+        "priv/theirs": "t\n",
+        "tmp": Dir(mode=0o1777),
+        "tmp/rootfile": "r\n",
+        "tmp/userfile": File("u\n", uid=USER, gid=USER),
+        "secret": Dir(mode=0o700),
+        "secret/f": "s\n",
+    })
+    wk.make_traversable(o.mnt.parent)
+    ok = lambda fn: wk.run_as(USER, USER, fn)      # noqa: E731
+    # creating in a world-writable lower dir: the new file is the caller's; the copied-up
+    # directory keeps its owner and mode
+    assert ok(_create(o.p("pub/new"))) == "ok"
+    st = os.lstat(o.u("pub/new"))
+    assert (st.st_uid, st.st_gid) == (USER, USER)
+    st = os.lstat(o.u("pub"))
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o777)
+    assert ok(lambda: os.mkdir(o.p("pub/newdir"))) == "ok"
+    assert os.lstat(o.u("pub/newdir")).st_uid == USER
+    # no permission, no copy-up
+    assert ok(_append(o.p("priv/theirs"))) == "EACCES"
+    assert ok(lambda: os.chmod(o.p("priv/theirs"), 0o666)) == "EPERM"
+    assert ok(lambda: os.chown(o.p("priv/theirs"), USER, USER)) == "EPERM"
+    assert ok(lambda: os.truncate(o.p("priv/theirs"), 0)) == "EACCES"
+    assert ok(lambda: os.setxattr(o.p("priv/theirs"), "user.x", b"1")) in ("EACCES", "EPERM")
+    assert ok(_create(o.p("priv/new"))) == "EACCES"
+    assert ok(lambda: os.unlink(o.p("priv/theirs"))) == "EACCES"
+    assert ok(lambda: os.rename(o.p("priv/theirs"), o.p("pub/stolen"))) == "EACCES"
+    assert ok(lambda: os.listdir(o.p("secret"))) == "EACCES"
+    assert ok(lambda: os.stat(o.p("secret/f"))) == "EACCES"
+    assert not os.path.lexists(o.u("priv"))
+    assert not os.path.lexists(o.u("secret"))
+    # a file of one's own in a directory one cannot write: the copy-up is the overlay's job
+    assert ok(_append(o.p("priv/mine"))) == "ok"
+    assert wk.read_file(o.u("priv/mine")) == b"m\n+"
+    st = os.lstat(o.u("priv/mine"))
+    assert (st.st_uid, st.st_gid) == (USER, USER)
+    assert ok(lambda: os.chmod(o.p("priv/mine"), 0o600)) == "ok"
+    # sticky directory
+    assert ok(lambda: os.unlink(o.p("tmp/rootfile"))) == "EPERM"
+    assert ok(lambda: os.rename(o.p("tmp/rootfile"), o.p("tmp/x"))) == "EPERM"
+    assert ok(lambda: os.unlink(o.p("tmp/userfile"))) == "ok"
+    assert is_whiteout(o.u("tmp/userfile"))
+    assert os.path.exists(o.p("tmp/rootfile"))
+    # links: protected_hardlinks forbids linking a file one neither owns nor can write
+    r = ok(lambda: os.link(o.p("pub/rootfile"), o.p("pub/hl")))
+    protected = Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1"
+    assert r == ("EPERM" if protected else "ok")

@@ -433,3 +433,41 @@ def compare_uppers(kern_upper, ours_upper, kern_lowers):
         else:
             diffs.append(f"{rel}: only in {side}'s upper: {e}")
     return diffs, redundant
+
+
+def run_as(uid, gid, fn):
+    """Run fn() in a forked child with the given uid/gid (no supplementary groups);
+    returns "ok" or the errno name it failed with ("EXC" for any other exception)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            fn()
+        except OSError as e:
+            code = e.errno or 254
+        except BaseException:
+            code = 255
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return "ok"
+    if code == 255:
+        return "EXC"
+    return errno.errorcode.get(code, str(code))
+
+
+def make_traversable(path):
+    """Add o+x to every ancestor of path (pytest's and mkdtemp's dirs are 0700), so that an
+    unprivileged test user can reach a mount below it."""
+    p = Path(path).resolve()
+    for d in [p, *p.parents]:
+        try:
+            m = stat.S_IMODE(os.lstat(d).st_mode)
+            if not m & 0o001:
+                os.chmod(d, m | 0o001)
+        except OSError:
+            pass
