@@ -357,10 +357,13 @@ echo RESTART_OK""")
     kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert kv["LEFT"] == "", "the committed layer's file came back in an opaque dir"
     p4 = _probe((ctl / "probe4").read_text())
-    # podman's (naive) diff puts only the new name of a hard link into the layer: the
-    # link to the base file becomes a copy (same with fuse-overlayfs and the kernel).
+    # With a mount program, containers/storage commits with its "naive" diff (parent and
+    # layer trees compared file by file): the new name of a hard link to a base file goes
+    # into the layer, the unchanged base file does not, so the two names are no longer
+    # linked in the committed image (fuse-overlayfs alike). With the kernel overlay, it
+    # tars the upper layer, where both names are one inode.
     for link in ("/etc/host.conf", "/root/hostconf-link"):
-        assert p4[link][4] == "1"
+        assert p4[link][4] == ("1" if pod.prog.path else "2"), (link, p4[link])
         p4[link][4] = p3[link][4]
     assert p4 == p3, _dict_diff(p3, p4)
 
