@@ -272,7 +272,7 @@ def apply_op(root, op):
         elif kind == "symlink":
             os.symlink("target", r / op[1])
         elif kind == "chmod":
-            os.chmod(r / op[1], 0o700, follow_symlinks=False)
+            os.chmod(r / op[1], 0o700)
         elif kind == "xattr":
             os.setxattr(r / op[1], "user.t", b"v", follow_symlinks=False)
     except OSError:
