@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import sys
 import tarfile
@@ -597,3 +598,97 @@ RUN test "$(cat /srv/hello.txt)" = hello && rm /srv/hello.txt && echo gone > /sr
     assert kv["ALICE"] == "1000"
     assert kv["DPKG"] == "rc"
     assert kv["GONE"] == "2"
+
+
+def test_xattrs_and_file_capabilities(pod):
+    """Extended attributes through the mount: user.* on a copied-up lower file, and
+    security.capability honoured at exec (a capability-bearing copy of cat lets an
+    unprivileged user read /etc/shadow), also after a commit, from a lower layer."""
+    tools = [shutil.which("setfattr"), shutil.which("getfattr")]
+    if not all(tools):
+        pytest.skip("needs setfattr/getfattr on the host (package attr)")
+    vols = [a for t in tools for a in ("-v", f"{t}:/usr/local/bin/{os.path.basename(t)}:ro")]
+    # cap_dac_override (bit 1), effective: struct vfs_cap_data revision 2, little endian
+    cap = "0x" + "01000002" + "02000000" + "00" * 12
+    script = f"""
+set -eu
+useradd bob
+cp /usr/bin/cat /usr/local/bin/capcat
+setfattr -n security.capability -v {cap} /usr/local/bin/capcat /usr/bin/tac
+setfattr -n user.a -v 1 /etc/shells
+setfattr -n user.b -v 2 /etc/shells
+setfattr -x user.a /etc/shells
+echo XATTRS=$(getfattr -d -m - /etc/shells 2>/dev/null | grep = | tr '\\n' ' ')
+@CHECK@
+if setfattr -n trusted.overlay.opaque -v y /srv 2>/dev/null; then echo TRUSTED=set; else echo TRUSTED=refused; fi
+cp /usr/bin/tail /usr/local/bin/captail
+setfattr -n security.capability -v {cap} /usr/local/bin/captail
+echo more >> /usr/local/bin/captail
+echo KILLPRIV=$(getfattr -n security.capability /usr/local/bin/captail 2>&1 | grep -c 'No such attribute')
+"""
+    check = """
+echo CAPEFF=$(runuser -u bob -- /usr/local/bin/capcat /proc/self/status | grep CapEff | cut -f2)
+echo SHADOW_CAT=$(runuser -u bob -- /usr/local/bin/capcat /etc/shadow | grep -c '^root:')
+echo SHADOW_TAC=$(runuser -u bob -- tac /etc/shadow | grep -c '^root:')
+echo PLAIN=$(runuser -u bob -- cat /etc/shadow 2>&1 | grep -c 'Permission denied')
+"""
+    name = "ovl-xattr"
+    out = pod.out("run", "--name", name, "--network", "none", *vols, BASE, "sh", "-c",
+                  script.replace("@CHECK@", check))
+    kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert kv["XATTRS"].split() == ['user.b="2"']
+    assert kv["CAPEFF"] == "0000000000000002"
+    assert kv["SHADOW_CAT"] == kv["SHADOW_TAC"] == kv["PLAIN"] == "1"
+    assert kv["TRUSTED"] == "refused"
+    assert kv["KILLPRIV"] == "1", "a write must drop security.capability"
+    try:
+        pod("commit", "-q", name, "localhost/ovl-xattr")
+    finally:
+        pod("rm", name)
+    out = pod.sh("localhost/ovl-xattr",
+                 "echo XATTRS=$(getfattr -d -m - /etc/shells 2>/dev/null | grep = | tr '\\n' ' ')"
+                 + check, *vols)
+    kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert kv["XATTRS"].split() == ['user.b="2"']
+    assert kv["CAPEFF"] == "0000000000000002"
+    assert kv["SHADOW_CAT"] == kv["SHADOW_TAC"] == kv["PLAIN"] == "1"
+
+
+def test_parallel_containers(pod, image):
+    """Three containers working at once on the same image layers, each on its own daemon:
+    copy and compare a tree, remove a different package, delete a big directory."""
+    pkgs = ["e2fsprogs", "tzdata", "apt"]
+    names = [f"ovl-par{i}" for i in range(len(pkgs))]
+    script = """
+set -eu
+mkdir /tmp/x
+tar -C / -cf - usr/share/doc usr/share/perl5 usr/lib/x86_64-linux-gnu/perl-base | tar -C /tmp/x -xf -
+diff -r /usr/share/doc /tmp/x/usr/share/doc
+diff -r /usr/share/perl5 /tmp/x/usr/share/perl5
+dpkg -r {pkg} > /tmp/dpkg.log 2>&1 || {{ cat /tmp/dpkg.log; exit 1; }}
+rm -rf /usr/share/doc /tmp/x
+echo STATES=$(for p in {all}; do dpkg-query -W -f='${{db:Status-Abbrev}}' $p | tr -d ' '; echo -n /; done)
+echo DOC=$(ls /usr/share/doc 2>&1 | grep -c 'No such file')
+echo PAR_OK
+"""
+    try:
+        t0 = time.monotonic()
+        for n, pkg in zip(names, pkgs):
+            pod("run", "-d", "--name", n, "--network", "none", BASE, "sh", "-c",
+                script.format(pkg=pkg, all=" ".join(pkgs)))
+        for n in names:
+            assert pod.out("wait", n, timeout=600).strip() == "0", pod.out("logs", n)
+        print(f"[podman] parallel: {time.monotonic() - t0:.1f} s")
+        for i, n in enumerate(names):
+            out = pod.out("logs", n)
+            kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+            assert "PAR_OK" in out, out
+            want = "/".join("rc" if j == i else "ii" for j in range(len(pkgs))) + "/"
+            assert kv["STATES"] == want
+            assert kv["DOC"] == "1"
+    finally:
+        pod("rm", "-f", "-t", "0", *names, check=False)
+    # the image is untouched
+    out = pod.sh(BASE, "ls /usr/share/doc | wc -l; dpkg -l | grep -c '^ii'")
+    assert out.split() == [str(image.listing("usr/share/doc").count(",")),
+                           str(image.installed_packages())]
