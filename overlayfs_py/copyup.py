@@ -315,4 +315,6 @@ class CopyUp:
         # Other lower hard links of the file are separate files from now on (as in the kernel
         # without index=on); the kernel must look them up again.
         for p, n in others:
+            if p.kids is not None and p.kids.get(n) is node:
+                del p.kids[n]
             ov.pending_invalidations.append((p.ino, n))

@@ -108,6 +108,7 @@ class Namespace:
             node.unlinked = True
             if node.is_dir:
                 self.ov.drop_fds(node)
+                node.index = node.kids = None
             if not (upper_st is not None and upper_st.st_nlink > 1 and not node.is_dir):
                 self.ov.table.drop_key(node)
 
@@ -132,6 +133,7 @@ class Namespace:
         if self.ov.index(node):
             raise _err(errno.ENOTEMPTY)
         parent_fd = ensure_upper_dir(self.ov, self.work, parent)
+        last_attr = self.ov.node_attrs(node)   # what fstat() of an open fd shows afterwards
         upper_st = lstat_at(parent_fd, name) if node.layer == UPPER else None
         if needs_whiteout(occ, UPPER):
             self.whiteout(parent_fd, name, upper_st)
@@ -143,6 +145,8 @@ class Namespace:
                     raise
                 self._discard_upper(parent_fd, name, upper_st)   # only markers were left
         self._forget_name(parent, name, node, None)
+        last_attr.st_nlink = 0
+        node.attr = last_attr
 
     # ------------------------------------------------------------------ creation
     def _prepare_create(self, parent: Node, name: bytes):

@@ -27,7 +27,9 @@ from .overlay import UPPER, Overlay, fuse_error
 
 log = logging.getLogger("overlayfs_py")
 
-BIG_IO = 128 * 1024           # reads/writes at least this large go to a worker thread
+BIG_IO = 128 * 1024
+# requests during which the kernel holds no directory lock: they may wait for invalidations
+_NO_DIR_LOCK = frozenset(("open", "setattr", "setxattr", "removexattr"))           # reads/writes at least this large go to a worker thread
 
 
 def handler(fn):
@@ -54,7 +56,7 @@ def handler(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             if self.ov.pending_invalidations:
-                await self._flush_invalidations()
+                await self._flush_invalidations(name in _NO_DIR_LOCK)
         if debug:
             log.debug("<- %s ok", name)
         return result
@@ -93,13 +95,24 @@ class Operations(pyfuse3.Operations):
         node.nlookup += 1
         return attrs
 
-    async def _flush_invalidations(self) -> None:
+    async def _flush_invalidations(self, wait: bool) -> None:
+        """Make the kernel drop dentries that no longer name the node it has for them (the
+        other lower hard links of a file that was just copied up).
+
+        With ``wait``, the reply waits until the kernel has done it, so the caller's next
+        access to those names is looked up afresh; the notification runs in a worker
+        thread because the kernel may first wait for other requests we must keep serving.
+        Requests that hold a directory lock (rename, link) cannot wait: the kernel would
+        need that lock to drop the entry."""
         pending, self.ov.pending_invalidations = self.ov.pending_invalidations, []
         for parent_ino, name in pending:
             try:
-                pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
-            except Exception:          # best effort: the entry times out anyway
-                log.debug("invalidate_entry failed for %r", name)
+                if wait:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent_ino, name)
+                else:
+                    pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            except OSError as e:          # ENOENT: the kernel had already dropped it
+                log.debug("invalidate_entry %r: %s", name, e)
 
     # ---------------------------------------------------------------- lookup & attributes
     @handler
@@ -316,7 +329,7 @@ class Operations(pyfuse3.Operations):
         node, ov = h.node, self.ov
         if start_id == 0 or h.entries is None:
             h.load(ov.index(node).keys())
-        if start_id < 2:
+        if start_id < 2 and not node.unlinked:
             for off, name, target in ((1, b".", node), (2, b"..", node.parent or node)):
                 if start_id >= off:
                     continue
@@ -346,7 +359,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def fsyncdir(self, fh, datasync):
         h = self.handles.dirs.get(fh)
-        if h is None or not self.writable or not self.config.fsync:
+        if h is None or not self.writable or not self.config.fsync or h.node.unlinked:
             return
         if h.node.layer == UPPER:
             fd = self.ov.dirfd(h.node, UPPER)

@@ -76,6 +76,8 @@ class Overlay:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
+        if not node.paths:
+            raise fuse_error(errno.ENOENT)      # removed, still open somewhere
         parent_fd = self.dirfd(node.parent, layer)
         fd = open_dir_at(parent_fd, node.name)
         self._fds[key] = fd
@@ -111,6 +113,8 @@ class Overlay:
     def index(self, node: Node) -> lookup.Index:
         """The merged listing of a directory, built once from one scandir per layer."""
         idx = node.index
+        if idx is None and node.unlinked:
+            return {}
         if idx is None:
             listings = []
             for layer in node.layers:
