@@ -471,10 +471,15 @@ def test_oci_layers_with_whiteouts_and_opaque_dirs(pod, env, image, tmp_path):
             "opt/l2": None,
             "opt/l2/keep": b"keep\n",
             "opt/l2/drop": b"drop\n",
+            "opt/l2/sub": None,
+            "opt/l2/sub/f1": b"f1\n",
+            "opt/l2/sub/deeper": None,
+            "opt/l2/sub/deeper/f2": b"f2\n",
         },
         {   # layer 3: delete what layer 2 added, bring /etc/motd back
             "opt/l2": None,
             "opt/l2/.wh.drop": b"",
+            "opt/l2/.wh.sub": b"",
             "etc": None,
             "etc/.wh.layer2.conf": b"",
             "etc/motd": b"layer3 motd\n",
@@ -507,6 +512,10 @@ mkdir /usr/share/doc/dpkg /usr/share/doc/l4
 echo NEWDIR=$(ls -A /usr/share/doc/dpkg | wc -l)
 echo DOC2=$(ls -A /usr/share/doc | tr '\\n' ,)
 rm /opt/l2/keep && echo OPT2=$(ls -A /opt/l2 | wc -l)
+mkdir /opt/l2/sub && echo SUB=$(ls -A /opt/l2/sub | wc -l)
+mkdir /opt/l2/sub/deeper && echo DEEPER=$(ls -A /opt/l2/sub/deeper | wc -l)
+mv /usr/share/doc/l3-added /usr/share/doc/l4/moved && echo MOVED=$(cat /usr/share/doc/l4/moved)
+echo DOC3=$(ls -A /usr/share/doc | tr '\n' ,)
 """)
     kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert kv["DOC"] == "README.layer2,l3-added,"
@@ -518,6 +527,10 @@ rm /opt/l2/keep && echo OPT2=$(ls -A /opt/l2 | wc -l)
     assert kv["NEWDIR"] == "0"
     assert kv["DOC2"] == "dpkg,l3-added,l4,"
     assert kv["OPT2"] == "0"
+    # a directory made where a lower layer's whiteout hides a directory is empty
+    assert kv["SUB"] == kv["DEEPER"] == "0"
+    assert kv["MOVED"] == "l3"
+    assert kv["DOC3"] == "dpkg,l4,"
 
 
 def test_export_matches_image(pod, image, tmp_path):
