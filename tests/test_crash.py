@@ -211,3 +211,88 @@ def test_kill9_during_big_copyup(tmp_path, delay):
             assert data in ok, f"merged big: {len(data)} bytes (lower {len(big)})"
             assert os.listdir(s.mnt) == ["big", "small"] or \
                 sorted(os.listdir(s.mnt)) == ["big", "small"]
+
+
+RENAME_WORKER = r'''
+import os, sys
+mnt, t, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("ready", flush=True)
+for i in range(t, n, 3):
+    src = os.path.join(mnt, "d", f"f{i:03d}")
+    print("start", i, flush=True)
+    if i % 3 == 0:
+        os.rename(src, os.path.join(mnt, "moved", f"f{i:03d}"))
+    elif i % 3 == 1:
+        os.unlink(src)
+    else:
+        os.rename(src, os.path.join(mnt, "d", f"g{i:03d}"))
+    print("done", i, flush=True)
+'''
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 1.0])
+def test_kill9_during_renames_and_unlinks_of_lower_files(tmp_path, delay):
+    """rename(2) and unlink(2) of lower files are atomic across a crash: each file is
+    afterwards either untouched or completely moved / deleted -- never visible under both
+    names, never gone from both, never a partial copy."""
+    require_fuse()
+    fuse_only("kills the FUSE daemon")
+    import subprocess
+    import sys
+    n = 150
+    contents = {i: random.Random(i).randbytes([10, 300_000, 2_000_000][i % 3] + i)
+                for i in range(n)}
+    spec = {f"d/f{i:03d}": contents[i] for i in range(n)}
+    spec["moved/"] = layerkit.DIR
+    s = wk.Stack(tmp_path, [spec], "s")
+    with wk.watchdog(tmp_path, 240, "crash test"):
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt,
+                                 check_exit=False) as fm:
+            procs = [subprocess.Popen([sys.executable, "-c", RENAME_WORKER, str(s.mnt), str(t),
+                                       str(n)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL)   # (they die with ENOTCONN)
+                     for t in range(3)]
+            for p in procs:
+                assert p.stdout.readline() == b"ready\n"
+            time.sleep(delay)
+            wk.kill9(fm)
+            # (read through the same buffered reader as readline(): communicate(timeout=..)
+            # would read the raw pipe and lose what the buffer already holds)
+            outs = []
+            for p in procs:
+                with p.stdout:
+                    outs.append(p.stdout.read().decode())
+                p.wait(timeout=60)
+        started = {int(line.split()[1]) for o in outs for line in o.splitlines()
+                   if line.startswith("start")}
+        done = {int(line.split()[1]) for o in outs for line in o.splitlines()
+                if line.startswith("done")}
+        assert done, "nothing completed before the kill"
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt):
+            m = s.mnt
+            d_names, moved_names = set(os.listdir(m / "d")), set(os.listdir(m / "moved"))
+            problems = []
+            for i in range(n):
+                old = f"f{i:03d}" in d_names
+                new = {0: f"f{i:03d}" in moved_names, 1: False,
+                       2: f"g{i:03d}" in d_names}[i % 3]
+                newpath = {0: m / "moved" / f"f{i:03d}", 2: m / "d" / f"g{i:03d}"}.get(i % 3)
+                if i in done:
+                    ok = (not old) and (new or i % 3 == 1)
+                elif i in started:
+                    ok = (old != new) if i % 3 != 1 else True
+                else:
+                    ok = old and not new
+                if not ok:
+                    problems.append(f"f{i:03d} ({['rename to moved/', 'unlink', 'rename to g'][i % 3]}"
+                                    f", {'done' if i in done else 'in flight' if i in started else 'not started'})"
+                                    f": old name {'present' if old else 'absent'}, new name "
+                                    f"{'present' if new else 'absent'}")
+                for present, path in ((old, m / "d" / f"f{i:03d}"), (new, newpath)):
+                    if present and wk.read_file(path) != contents[i]:
+                        problems.append(f"{path.relative_to(m)}: content differs from f{i:03d}")
+            extra = (d_names - {f"f{i:03d}" for i in range(n)} - {f"g{i:03d}" for i in range(n)}) \
+                | (moved_names - {f"f{i:03d}" for i in range(n)})
+            if extra:
+                problems.append(f"unexpected names: {sorted(extra)}")
+            assert not problems, "\n".join(problems)
