@@ -301,3 +301,31 @@ def test_random_ops_ours_then_kernel(base, lowers, ops):
             assert_same(seen, snap(s.mnt), "kernel overlay on our upper")
     finally:
         wk._force_cleanup(d)
+
+
+def test_inode_numbers_survive_remount(tmp_path):
+    """The kernel keeps st_ino of an object across copy-up and across remounts (all layers
+    on one fs; the copy-up records its origin). Tools with stat caches (git's index, backup
+    tools, make) then see unchanged files as unchanged."""
+    require_fuse()
+    s = wk.Stack(tmp_path, LOWERS_KERNEL, "s")
+    paths = ["etc", "etc/motd", "etc/passwd", "usr/lib/lib.so", "usr/share/doc/README",
+             "new", "new/file", "bin/sh"]
+    with wk.watchdog(tmp_path, 120, "inode numbers"):
+        with contextlib.ExitStack() as ex:
+            s.mount_tested(ex)
+            m = s.mnt
+            before = {p: os.lstat(m / p).st_ino for p in paths if os.path.lexists(m / p)}
+            with open(m / "etc/motd", "ab") as f:               # copy-ups
+                f.write(b"+")
+            os.chmod(m / "bin/sh", 0o700)
+            os.makedirs(m / "new")
+            (m / "new/file").write_bytes(b"n")
+            during = {p: os.lstat(m / p).st_ino for p in paths}
+        assert {p: during[p] for p in before} == before, "st_ino changed on copy-up"
+        with contextlib.ExitStack() as ex:
+            s.reset_work()
+            s.mount_tested(ex)
+            after = {p: os.lstat(s.mnt / p).st_ino for p in paths}
+        assert after == during, "st_ino changed across a remount: " + ", ".join(
+            f"{p}: {during[p]} -> {after[p]}" for p in paths if during[p] != after[p])
