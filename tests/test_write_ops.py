@@ -1119,3 +1119,45 @@ def test_seek_hole_on_sparse_upper_file(ovl):
         assert os.lseek(fd, 0, os.SEEK_DATA) == 1 << 20
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# file capabilities and setuid bits
+# ---------------------------------------------------------------------------------------------
+
+# struct vfs_cap_data, revision 2, effective, permitted = CAP_NET_RAW
+CAP_NET_RAW = bytes.fromhex("01000002") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+@pytest.mark.parametrize("how", ["setxattr", "chmod", "utime", "open-rw"])
+def test_copy_up_keeps_security_capability(ovl, how):
+    """Copy-up must not lose security.capability (a userspace copy-up has to set it after
+    chown, which clears it). Changing the file's metadata does not drop it either."""
+    o = ovl({"bin/ping": File(b"\x7fELF ping", mode=0o755,
+                              xattrs={"security.capability": CAP_NET_RAW})})
+    p = o.p("bin/ping")
+    if how == "setxattr":
+        os.setxattr(p, "user.x", b"1")
+    elif how == "chmod":
+        os.chmod(p, 0o711)
+    elif how == "utime":
+        os.utime(p, (1, 1))
+    elif how == "open-rw":
+        os.close(os.open(p, os.O_RDWR))
+    assert os.path.exists(o.u("bin/ping")), "not copied up"
+    assert os.getxattr(o.u("bin/ping"), "security.capability") == CAP_NET_RAW
+    assert os.getxattr(p, "security.capability") == CAP_NET_RAW
+
+
+@pytest.mark.parametrize("how", ["write", "chown"])
+def test_write_or_chown_drops_security_capability(ovl, how):
+    o = ovl({"bin/ping": File(b"\x7fELF ping", mode=0o755,
+                              xattrs={"security.capability": CAP_NET_RAW})})
+    p = o.p("bin/ping")
+    if how == "write":
+        with open(p, "ab") as f:
+            f.write(b"+")
+    else:
+        os.chown(p, 0, 0)
+    assert err(os.getxattr, p, "security.capability") == "ENODATA"
+    assert err(os.getxattr, o.u("bin/ping"), "security.capability") == "ENODATA"
