@@ -1161,3 +1161,34 @@ def test_write_or_chown_drops_security_capability(ovl, how):
         os.chown(p, 0, 0)
     assert err(os.getxattr, p, "security.capability") == "ENODATA"
     assert err(os.getxattr, o.u("bin/ping"), "security.capability") == "ENODATA"
+
+
+def _posix_acl(entries):
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for t, p, i in entries)
+
+
+# user::rwx user:1000:rwx group::r-x mask::rwx other::r-x
+ACL_USER_RWX = _posix_acl([(1, 7, 0xFFFFFFFF), (2, 7, USER), (4, 5, 0xFFFFFFFF),
+                           (0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)])
+
+
+def test_posix_acls_are_honoured_and_copied_up(ovl):
+    """POSIX ACLs in a lower layer grant access exactly as they do on the kernel overlay,
+    and copy-up keeps them."""
+    o = ovl({"d": Dir(mode=0o775, xattrs={"system.posix_acl_access": ACL_USER_RWX}),
+             "d/f": "x\n",
+             "f": File("y\n", mode=0o664, xattrs={"system.posix_acl_access": ACL_USER_RWX})})
+    wk.make_traversable(o.mnt.parent)
+    assert os.getxattr(o.p("f"), "system.posix_acl_access") == ACL_USER_RWX
+
+    def append():
+        fd = os.open(o.p("f"), os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"+")
+        os.close(fd)
+    assert wk.run_as(USER, USER, append) == "ok"
+    assert wk.read_file(o.p("f")) == b"y\n+"
+    assert os.getxattr(o.u("f"), "system.posix_acl_access") == ACL_USER_RWX
+    assert wk.run_as(USER, USER, _create(o.p("d/new"))) == "ok"
+    assert os.lstat(o.u("d/new")).st_uid == USER
+    assert os.getxattr(o.u("d"), "system.posix_acl_access") == ACL_USER_RWX
