@@ -1192,3 +1192,24 @@ def test_posix_acls_are_honoured_and_copied_up(ovl):
     assert wk.run_as(USER, USER, _create(o.p("d/new"))) == "ok"
     assert os.lstat(o.u("d/new")).st_uid == USER
     assert os.getxattr(o.u("d"), "system.posix_acl_access") == ACL_USER_RWX
+
+
+def test_default_acl_is_inherited_by_new_files(ovl):
+    """A default ACL on a lower directory applies to files created in it through the
+    overlay (and the umask is then not applied)."""
+    default = _posix_acl([(1, 7, 0xFFFFFFFF), (2, 6, USER), (4, 5, 0xFFFFFFFF),
+                          (0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)])
+    o = ovl({"d": Dir(mode=0o775, xattrs={"system.posix_acl_default": default})})
+    old = os.umask(0o077)
+    try:
+        fd = os.open(o.p("d/new"), os.O_WRONLY | os.O_CREAT, 0o666)
+        os.close(fd)
+        os.mkdir(o.p("d/sub"), 0o777)
+    finally:
+        os.umask(old)
+    acl = os.getxattr(o.p("d/new"), "system.posix_acl_access")
+    assert (2).to_bytes(2, "little") + (6).to_bytes(2, "little") + USER.to_bytes(4, "little") \
+        in acl, "the named-user entry was not inherited"
+    assert stat.S_IMODE(os.lstat(o.p("d/new")).st_mode) == 0o664    # umask ignored
+    assert os.getxattr(o.p("d/sub"), "system.posix_acl_default") == default
+    assert os.getxattr(o.u("d/new"), "system.posix_acl_access") == acl
