@@ -102,10 +102,14 @@ def copy_xattrs(src: "int | str", dst: "int | str") -> None:
             log.debug("copy-up: xattr %s not copied: %s", name, e)
 
 
-def _copy_attrs_fd(fd: int, st: os.stat_result) -> None:
-    os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+def _copy_meta(src: "int | str", dst: "int | str", st: os.stat_result) -> None:
+    """Owner, mode, xattrs, times -- in that order, and after the data. A user-space chown
+    drops security.capability and the setuid bits (the kernel's internal one does not), and
+    a write drops the capability too, so xattrs go on last but for the times."""
+    os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    copy_xattrs(src, dst)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _restore_times(dir_fd: int, st: os.stat_result) -> None:
@@ -129,8 +133,7 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
     try:
         tfd = open_dir_at(work.fd, tmp)
         try:
-            copy_xattrs(src_fd, tfd)
-            _copy_attrs_fd(tfd, st)
+            _copy_meta(src_fd, tfd, st)
         finally:
             os.close(tfd)
         os.rename(tmp, node.name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
@@ -239,10 +242,7 @@ class CopyUp:
                 src = open_path_at(src_dir, name)
                 dst = open_path_at(work.fd, tmp)
                 try:
-                    copy_xattrs(proc_path(src), proc_path(dst))
-                    os.chown(proc_path(dst), st.st_uid, st.st_gid)
-                    os.chmod(proc_path(dst), stat.S_IMODE(st.st_mode))
-                    os.utime(proc_path(dst), ns=(st.st_atime_ns, st.st_mtime_ns))
+                    _copy_meta(proc_path(src), proc_path(dst), st)
                 finally:
                     os.close(src)
                     os.close(dst)
@@ -270,9 +270,8 @@ class CopyUp:
                           dir_fd=self.work.fd)
             try:
                 os.ftruncate(dst, st.st_size)
-                copy_xattrs(src, dst)
+                _copy_meta(src, dst, st)
                 os.setxattr(dst, self.metacopy_xattr, b"")
-                _copy_attrs_fd(dst, st)
             finally:
                 os.close(dst)
         finally:
@@ -288,8 +287,7 @@ class CopyUp:
             try:
                 if data and st.st_size:
                     await trio.to_thread.run_sync(self._copy_data, src, dst, st.st_size)
-                copy_xattrs(src, dst)
-                _copy_attrs_fd(dst, st)
+                _copy_meta(src, dst, st)
             finally:
                 os.close(dst)
         finally:

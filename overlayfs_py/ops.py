@@ -65,6 +65,9 @@ def handler(fn):
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
+    # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs, copied up with
+    # the others), as on the kernel overlay and fuse-overlayfs.
+    enable_acl = True
 
     def __init__(self, config: Config, ov: Overlay, work: Optional[Workdir]):
         super().__init__()
