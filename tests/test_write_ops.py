@@ -1213,3 +1213,24 @@ def test_default_acl_is_inherited_by_new_files(ovl):
     assert stat.S_IMODE(os.lstat(o.p("d/new")).st_mode) == 0o664    # umask ignored
     assert os.getxattr(o.p("d/sub"), "system.posix_acl_default") == default
     assert os.getxattr(o.u("d/new"), "system.posix_acl_access") == acl
+
+
+# ---------------------------------------------------------------------------------------------
+# -o userxattr
+# ---------------------------------------------------------------------------------------------
+
+def test_userxattr_writes_and_reads_user_overlay_xattrs(ovl):
+    o = ovl({"opq": Dir(xattrs={"user.overlay.opaque": b"y"}), "opq/top": "t",
+             "d/a": "a", "d/sub/b": "b"},
+            {"opq/hidden": "h", "d/a": "lower a", "d/c": "c"},
+            options=("userxattr",))
+    assert os.listdir(o.p("opq")) == ["top"]
+    os.unlink(o.p("d/sub/b"))
+    os.rmdir(o.p("d/sub"))
+    assert is_whiteout(o.u("d/sub"))
+    os.mkdir(o.p("d/sub"))
+    assert os.getxattr(o.u("d/sub"), "user.overlay.opaque") == b"y"
+    assert err(os.getxattr, o.u("d/sub"), "trusted.overlay.opaque") == "ENODATA"
+    # the private xattrs are not shown through the mount
+    assert not any(n.startswith("user.overlay.") for n in os.listxattr(o.p("d/sub")))
+    assert not any(n.startswith("user.overlay.") for n in os.listxattr(o.p("opq")))
