@@ -246,6 +246,7 @@ LOWER_CHOICES = st.sampled_from([
     {"a": OPAQUE_KERNEL, "a/y": "ay2", "b": WHITEOUT_KERNEL},  # (whiteouts only where
     # the kernel filters them: it lists those in dirs that only one layer has)
     {"a/x/z": "axz", "a/y": DIR, "b": DIR},
+    {"a": OPAQUE_OCI, "a/x": "oci", "b": WHITEOUT_OCI},
     {},
 ])
 
@@ -297,7 +298,7 @@ def test_random_ops_ours_then_kernel(base, lowers, ops):
             s.mount_ours(ex)
             assert_same(seen, snap(s.mnt), "remounting ours")
         with contextlib.ExitStack() as ex:
-            _mount_kernel_same_upper(ex, s, s.lowers)
+            _mount_kernel_same_upper(ex, s, s.kernel_lowers())
             assert_same(seen, snap(s.mnt), "kernel overlay on our upper")
     finally:
         wk._force_cleanup(d)
