@@ -11,7 +11,8 @@ run on top of overlayfs-py in an isolated, disposable configuration:
   policy.json under a temporary directory (graphroot, runroot, tmp_dir, locks and network
   config all live there), runs ``podman`` with them, and on ``cleanup()`` removes every
   container and image, unmounts leftovers, stops only the processes that belong to that
-  private storage, and deletes it. It reports (returns) what it had to clean up by force,
+  private storage, and deletes it (and /var/lib/containers, /run/containers, which
+  podman 4.3 creates whatever its configuration says, if they did not exist before). It reports (returns) what it had to clean up by force,
   so a test can fail on leaked mounts or daemons.
 
 Environment knobs:
@@ -284,6 +285,9 @@ exit 1
 
 # --------------------------------------------------------------------------- podman
 
+SYSTEM_DIRS = ["/var/lib/containers", "/run/containers"]
+
+
 class PodmanError(AssertionError):
     pass
 
@@ -346,6 +350,9 @@ runroot = "{self.run_root}"
                         TMPDIR=str(self.tmp))
         self.env.pop("CONTAINER_HOST", None)
         self.env.pop("CONTAINER_CONNECTION", None)
+        # podman 4.3 has no setting for these two (the blob-info cache of image copies,
+        # the network run dir): remove them at cleanup if they did not exist before.
+        self.system_dirs = [d for d in SYSTEM_DIRS if not os.path.lexists(d)]
 
     # -- running podman
     def __call__(self, *args: str, check: bool = True, timeout: float = 300,
@@ -464,6 +471,8 @@ runroot = "{self.run_root}"
         if not self.mounts():
             subprocess.run(["rm", "-rf", "--one-file-system", str(self.root)],
                            capture_output=True)
+            for d in self.system_dirs:
+                shutil.rmtree(d, ignore_errors=True)
         else:
             problems.append(f"could not unmount everything under {self.root}; not deleted")
         return problems
