@@ -296,3 +296,72 @@ def test_kill9_during_renames_and_unlinks_of_lower_files(tmp_path, delay):
             if extra:
                 problems.append(f"unexpected names: {sorted(extra)}")
             assert not problems, "\n".join(problems)
+
+
+RMDIR_WORKER = r'''
+import os, sys
+mnt, n = sys.argv[1], int(sys.argv[2])
+print("ready", flush=True)
+for i in range(n):
+    d = os.path.join(mnt, "t", f"d{i:03d}")
+    for j in range(3):
+        os.unlink(os.path.join(d, f"f{j}"))
+        print("unlinked", i, j, flush=True)
+    os.rmdir(d)
+    print("rmdir", i, flush=True)
+    os.mkdir(d)                       # over the whiteout: opaque
+    print("mkdir", i, flush=True)
+'''
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3])
+def test_kill9_during_rmdir_of_lower_dirs(tmp_path, delay):
+    """unlink, rmdir of emptied lower dirs, mkdir over their whiteouts, killed midway:
+    afterwards every acknowledged step is there, and each dir is in one of the states its
+    steps go through (never showing lower files again once it was recreated)."""
+    require_fuse()
+    fuse_only("kills the FUSE daemon")
+    import subprocess
+    import sys
+    n = 120
+    spec = {f"t/d{i:03d}/f{j}": f"{i}.{j}" for i in range(n) for j in range(3)}
+    s = wk.Stack(tmp_path, [spec, {f"t/d{i:03d}/f{j}": "below" for i in range(n)
+                                   for j in range(3)}], "s")
+    with wk.watchdog(tmp_path, 240, "crash test"):
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt,
+                                 check_exit=False) as fm:
+            p = subprocess.Popen([sys.executable, "-c", RMDIR_WORKER, str(s.mnt), str(n)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            assert p.stdout.readline() == b"ready\n"
+            time.sleep(delay)
+            wk.kill9(fm)
+            with p.stdout:
+                out = p.stdout.read().decode().splitlines()
+            p.wait(timeout=60)
+        unlinked = {(int(x.split()[1]), int(x.split()[2])) for x in out
+                    if x.startswith("unlinked")}
+        rmdired = {int(x.split()[1]) for x in out if x.startswith("rmdir")}
+        mkdired = {int(x.split()[1]) for x in out if x.startswith("mkdir")}
+        assert unlinked, "nothing acknowledged before the kill"
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt):
+            problems = []
+            for i in range(n):
+                d = s.mnt / "t" / f"d{i:03d}"
+                exists = os.path.isdir(d)
+                names = sorted(os.listdir(d)) if exists else None
+                if i in mkdired:
+                    ok = names == []
+                elif i in rmdired:
+                    ok = names in (None, [])
+                else:
+                    gone = {f"f{j}" for j in range(3) if (i, j) in unlinked}
+                    ok = exists and not (gone & set(names)) and \
+                        len(set(names) | gone) >= 2 and set(names) <= {"f0", "f1", "f2"}
+                    for nm in names or []:
+                        if wk.read_file(d / nm).decode() != f"{i}.{nm[1]}":
+                            problems.append(f"d{i:03d}/{nm}: content {wk.read_file(d / nm)!r}")
+                if not ok:
+                    problems.append(f"d{i:03d}: shows {names}; acknowledged: unlinked "
+                                    f"{sorted(j for (k, j) in unlinked if k == i)}, "
+                                    f"rmdir {i in rmdired}, mkdir {i in mkdired}")
+            assert not problems, "\n".join(problems[:20])
