@@ -15,13 +15,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import layerkit
 import writekit as wk
-from conftest import fuse_only, require_fuse
+from conftest import require_fuse
 from layerkit import DIR
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]

@@ -11,7 +11,6 @@ modes, owners, contents, whiteouts and opaque flags compared).
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import sys

@@ -22,7 +22,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import layerkit
 import writekit as wk
 from conftest import fuse_only, require_fuse, require_kernel_overlay
 from layerkit import (DIR, FIFO, Dir, File, Hardlink, Symlink, OPAQUE_KERNEL, OPAQUE_OCI,

@@ -7,7 +7,6 @@ fuse-overlayfs instead of the kernel (refusing ``.wh.*`` names) are marked ``fus
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -19,7 +18,7 @@ import pytest
 
 import layerkit
 import writekit as wk
-from conftest import fuse_only, kernel_mode
+from conftest import fuse_only
 from layerkit import (DIR, FIFO, Dir, File, Symlink, OPAQUE_KERNEL, OPAQUE_OCI,
                       WHITEOUT_KERNEL, WHITEOUT_OCI)
 
