@@ -329,3 +329,34 @@ def test_inode_numbers_survive_remount(tmp_path):
             after = {p: os.lstat(s.mnt / p).st_ino for p in paths}
         assert after == during, "st_ino changed across a remount: " + ", ".join(
             f"{p}: {during[p]} -> {after[p]}" for p in paths if during[p] != after[p])
+
+
+@pytest.mark.parametrize("how", ["exchange", "rename-over-opaque-dir", "rename-over-whiteout"])
+def test_dir_moved_over_hidden_lower_dir_keeps_it_hidden(tmp_path, how):
+    """A lower dir a/x is deleted and recreated (opaque), then a pure upper dir is moved
+    to a/x. The lower a/x/f must stay hidden, now and after a remount (the kernel marks a
+    directory moved into a merged parent opaque)."""
+    require_fuse()
+    s = wk.Stack(tmp_path, [{"a/x/f": "lower f", "b/": DIR}], "s")
+    with wk.watchdog(tmp_path, 120, "dir move"):
+        with contextlib.ExitStack() as ex:
+            s.mount_tested(ex)
+            m = s.mnt
+            os.unlink(m / "a/x/f")
+            os.rmdir(m / "a/x")
+            if how != "rename-over-whiteout":
+                os.mkdir(m / "a/x")
+            os.mkdir(m / "b/n")
+            (m / "b/n/mine").write_bytes(b"m")
+            if how == "exchange":
+                wk.renameat2(m / "a/x", m / "b/n", wk.RENAME_EXCHANGE)
+            else:
+                os.rename(m / "b/n", m / "a/x")
+            live = sorted(os.listdir(m / "a/x"))
+        assert live == ["mine"]
+        with contextlib.ExitStack() as ex:
+            s.reset_work()
+            s.mount_tested(ex)
+            assert sorted(os.listdir(s.mnt / "a/x")) == ["mine"], \
+                "the lower a/x/f came back after a remount"
+        assert wk.is_opaque_dir(s.upper / "a/x")
