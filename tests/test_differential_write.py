@@ -217,7 +217,15 @@ class OverlayWriteMachine(RuleBasedStateMachine):
                     except OSError:
                         pass
             self.fds = []
+            final = wk.merged_snapshot(self.kern.mnt)
             self.exits.close()       # unmounts both; fails if our daemon did not exit 0
+            # persistence: our upper, mounted again, shows what the kernel showed last
+            import contextlib
+            with contextlib.ExitStack() as ex:
+                self.ours.mount_ours(ex)
+                again = wk.merged_snapshot(self.ours.mnt)
+            diff = wk.diff_snapshots(final, again, "kernel", "ours-remounted")
+            assert not diff, "after remounting ours:\n  " + "\n  ".join(diff)
             diff, redundant = wk.compare_uppers(self.kern.upper, self.ours.upper,
                                                 self.kern.lowers)
             if redundant and TRACE:
