@@ -879,40 +879,76 @@ def test_volatile_and_fsync0_skip_fsync(make_layers, mounted, tmp_path, options)
 # hard links inside a lower layer
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["append", "truncate", "chmod", "setxattr", "utime"])
-def test_lower_hardlinks_break_on_copy_up(ovl, how):
+@pytest.mark.parametrize("name", ["a", "h"])
+@pytest.mark.parametrize("how", ["append", "truncate", "chmod", "setxattr", "removexattr",
+                                 "utime"])
+def test_lower_hardlinks_break_on_copy_up(ovl, how, name):
     """Without an index (the kernel's default here), copying up one name of a lower hard
-    link breaks the link: the other names keep showing the lower file (content, size, mode,
-    xattrs, times, link count). Whatever is shown must also be what a remount shows (it is
-    what the upper holds)."""
+    link breaks the link: the name changed shows the change, the other names keep showing
+    the lower file (content, size, mode, xattrs, times, link count), and only the changed
+    name is copied up."""
     from layerkit import Hardlink
-    o = ovl({"a": File("lower a\n", mtime=1_000_000_000), "h": Hardlink("a"),
-             "d/h2": Hardlink("a")})
+    o = ovl({"a": File("lower a\n", mtime=1_000_000_000, xattrs={"user.k": b"v"}),
+             "h": Hardlink("a"), "d/h2": Hardlink("a")})
     # look every alias up first (an implementation keyed by the lower inode then holds
     # one node for all three names)
     assert [os.lstat(o.p(n)).st_nlink for n in ("a", "h", "d/h2")] == [3, 3, 3]
     assert wk.read_file(o.p("h")) == b"lower a\n"
+    p = o.p(name)
+    want = {"data": b"lower a\n", "mode": 0o644, "mtime": 1_000_000_000,
+            "xattrs": {"user.k": b"v"}}
     if how == "append":
-        with open(o.p("a"), "ab") as f:
+        with open(p, "ab") as f:
             f.write(b"new\n")
+        want["data"] = b"lower a\nnew\n"
     elif how == "truncate":
-        os.truncate(o.p("a"), 3)
+        os.truncate(p, 3)
+        want["data"] = b"low"
     elif how == "chmod":
-        os.chmod(o.p("a"), 0o600)
+        os.chmod(p, 0o600)
+        want["mode"] = 0o600
     elif how == "setxattr":
-        os.setxattr(o.p("a"), "user.x", b"1")
+        os.setxattr(p, "user.x", b"1")
+        want["xattrs"] = {"user.k": b"v", "user.x": b"1"}
+    elif how == "removexattr":
+        os.removexattr(p, "user.k")
+        want["xattrs"] = {}
     elif how == "utime":
-        os.utime(o.p("a"), (5, 5))
-    for alias in ("h", "d/h2"):
+        os.utime(p, (5, 5))
+        want["mtime"] = 5
+    others = [n for n in ("a", "h", "d/h2") if n != name]
+    st = os.lstat(p)
+    got = {"data": wk.read_file(p), "mode": stat.S_IMODE(st.st_mode),
+           "xattrs": {x: os.getxattr(p, x) for x in os.listxattr(p) if x.startswith("user.")}}
+    if how not in ("append", "truncate"):
+        got["mtime"] = st.st_mtime
+    else:
+        want.pop("mtime")
+    assert got == want, f"{name} does not show the change"
+    assert st.st_nlink == 1
+    for alias in others:
         st = os.lstat(o.p(alias))
         assert wk.read_file(o.p(alias)) == b"lower a\n", alias
         assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime, st.st_nlink) == \
             (8, 0o644, 1_000_000_000, 3), alias
-        assert "user.x" not in os.listxattr(o.p(alias)), alias
-    assert os.lstat(o.p("a")).st_nlink == 1
-    assert os.lstat(o.p("a")).st_ino != os.lstat(o.p("h")).st_ino
-    assert os.lstat(o.p("h")).st_ino == os.lstat(o.p("d/h2")).st_ino
-    assert o.upper_names() == ["a"]
+        assert [x for x in os.listxattr(o.p(alias)) if x.startswith("user.")] == ["user.k"], \
+            alias
+        assert st.st_ino != os.lstat(p).st_ino
+    assert os.lstat(o.p(others[0])).st_ino == os.lstat(o.p(others[1])).st_ino
+    assert o.upper_names() == ([name] if "/" not in name else ["d", name])
+
+
+def test_unlink_of_lower_hardlink_alias(ovl):
+    """Deleting one name of a lower hard link (a whiteout) leaves the others as they are,
+    including the lower link count the kernel keeps reporting."""
+    from layerkit import Hardlink
+    o = ovl({"a": "lower a\n", "h": Hardlink("a")})
+    assert os.lstat(o.p("h")).st_nlink == 2
+    os.unlink(o.p("h"))
+    assert is_whiteout(o.u("h"))
+    assert wk.read_file(o.p("a")) == b"lower a\n"
+    assert os.lstat(o.p("a")).st_nlink == 2
+    assert o.upper_names() == ["h"]
 
 
 # ---------------------------------------------------------------------------------------------
