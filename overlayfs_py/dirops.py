@@ -298,6 +298,9 @@ class Namespace:
         new_fd = ensure_upper_dir(ov, self.work, p_new)
 
         if exchange:
+            # a directory landing in a merged parent must not merge with a lower namesake
+            self._opaque_if_moved_into_merged(src, p_new)
+            self._opaque_if_moved_into_merged(dst, p_old)
             renameat2(old_fd, n_old, new_fd, n_new, RENAME_EXCHANGE)
             for node, pa, na, pb, nb in ((src, p_old, n_old, p_new, n_new),
                                          (dst, p_new, n_new, p_old, n_old)):
@@ -321,10 +324,7 @@ class Namespace:
         elif src.is_dir and new_is_whiteout:
             flags = RENAME_EXCHANGE
             cleanup_whiteout = True
-        if src.is_dir and len(p_new.layers) > 1:
-            sfd = ov.dirfd(src, UPPER)
-            if not whiteout.dir_is_opaque(sfd):
-                self.set_opaque(sfd)
+        self._opaque_if_moved_into_merged(src, p_new)
         if flags == RENAME_WHITEOUT and not self.can_mknod:
             os.rename(n_old, n_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             self.whiteout(old_fd, n_old, None)
@@ -341,6 +341,14 @@ class Namespace:
         ov.name_changed(p_old, n_old)
         ov.name_changed(p_new, n_new)
         ov.changed(src)
+
+    def _opaque_if_moved_into_merged(self, node: Node, new_parent: Node) -> None:
+        """The kernel marks a (pure upper) directory opaque when it moves into a merged
+        parent, so a lower directory of the same name there never shows through it."""
+        if node.is_dir and len(new_parent.layers) > 1:
+            fd = self.ov.dirfd(node, UPPER)
+            if not whiteout.dir_is_opaque(fd):
+                self.set_opaque(fd)
 
     def _empty_dir(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
         """Make an (only-markers) upper dir truly empty and opaque, atomically, so that a
