@@ -156,6 +156,8 @@ class CopyUp:
         self.fsync = fsync
         self.metacopy = metacopy
         self.metacopy_xattr = METACOPY_XATTR
+        self.origin_xattr = "user.overlay.origin" if ov.config.userxattr \
+            else "trusted.overlay.origin"
         self._locks: Dict[int, trio.Lock] = {}
 
     def in_progress(self, node: Node) -> bool:
@@ -243,6 +245,7 @@ class CopyUp:
                 dst = open_path_at(work.fd, tmp)
                 try:
                     _copy_meta(proc_path(src), proc_path(dst), st)
+                    self._mark_origin(proc_path(dst))
                 finally:
                     os.close(src)
                     os.close(dst)
@@ -272,6 +275,7 @@ class CopyUp:
                 os.ftruncate(dst, st.st_size)
                 _copy_meta(src, dst, st)
                 os.setxattr(dst, self.metacopy_xattr, b"")
+                self._mark_origin(dst)
             finally:
                 os.close(dst)
         finally:
@@ -288,10 +292,19 @@ class CopyUp:
                 if data and st.st_size:
                     await trio.to_thread.run_sync(self._copy_data, src, dst, st.st_size)
                 _copy_meta(src, dst, st)
+                self._mark_origin(dst)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
+
+    def _mark_origin(self, target: "int | str") -> None:
+        """An empty overlay.origin: the kernel's own mark for "copied up, origin handle
+        unknown". We read it back to keep the copy's inode number across remounts."""
+        try:
+            os.setxattr(target, self.origin_xattr, b"")
+        except OSError as e:
+            log.debug("origin mark not set: %s", e)
 
     def _copy_data(self, src: int, dst: int, size: int) -> None:
         copy_file_data(src, dst, size)

@@ -28,6 +28,17 @@ FD_CACHE_SIZE = 4096
 UPPER = 0                  # index of the upper layer when the mount is writable
 
 
+ORIGIN_XATTRS = ("trusted.overlay.origin", "user.overlay.origin")
+
+
+def _has_xattr(path: bytes, name: str) -> bool:
+    try:
+        os.getxattr(path, name, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
 def fuse_error(err: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(err)
 
@@ -178,8 +189,9 @@ class Overlay:
                 layers = (top, occ[1][0])        # metadata here, data in the lower file
             else:
                 layers = (top,)
+            ino_key = self._origin_key(parent, name, st, occ, layers, is_dir) or key
             node = self.table.add(
-                Node(self.table.new_ino(key), parent, name, is_dir, layers, key))
+                Node(self.table.new_ino(ino_key), parent, name, is_dir, layers, key))
         else:
             node.add_path(parent, name)
         if node.attr is None or not node.handles:
@@ -188,6 +200,33 @@ class Overlay:
             kids = parent.kids = {}
         kids[name] = node
         return node
+
+    def _origin_key(self, parent: Node, name: bytes, st: os.stat_result, occ, layers,
+                    is_dir: bool):
+        """The object whose number a copied-up object keeps, as the kernel keeps st_ino
+        across copy-up and remount: for a merged directory its bottom layer, for an upper
+        non-directory marked as a copy-up (overlay.origin xattr) the lower file of the same
+        name, unless that one has other hard links (they are separate files now)."""
+        try:
+            if is_dir:
+                if len(layers) < 2:
+                    return None
+                low = layers[-1]
+            else:
+                if layers[0] != UPPER or len(occ) < 2 or occ[1][1]:
+                    return None
+                path = b"/proc/self/fd/%d/%s" % (self.dirfd(parent, UPPER), name)
+                if not any(_has_xattr(path, x) for x in ORIGIN_XATTRS):
+                    return None
+                low = occ[1][0]
+            lst = lstat_at(self.dirfd(parent, low), name)
+        except OSError:
+            return None
+        if lst is None or stat.S_IFMT(lst.st_mode) != stat.S_IFMT(st.st_mode):
+            return None
+        if not is_dir and lst.st_nlink > 1:
+            return None
+        return (low, lst.st_dev, lst.st_ino)
 
     def _is_metacopy(self, parent: Node, layer: int, name: bytes) -> bool:
         path = b"/proc/self/fd/%d/%s" % (self.dirfd(parent, layer), name)

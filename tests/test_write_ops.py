@@ -879,7 +879,16 @@ def test_volatile_and_fsync0_skip_fsync(make_layers, mounted, tmp_path, options)
 # hard links inside a lower layer
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["a", "h"])
+# FUSE names an inode, not the path it was reached by: when several names of one lower hard
+# link are in use they share one kernel inode, so a change made through any of them is
+# applied to the name first looked up. fuse-overlayfs has the same limit.
+OURS_INODE_ONLY = pytest.mark.xfail(
+    not wk.kernel_mode() and not wk.is_fuse_overlayfs(), strict=True,
+    reason="FUSE passes only the inode: with several names of one lower hard link in use, "
+           "the changed name cannot be told apart (README: known divergences)")
+
+
+@pytest.mark.parametrize("name", ["a", pytest.param("h", marks=OURS_INODE_ONLY)])
 @pytest.mark.parametrize("how", ["append", "truncate", "chmod", "setxattr", "removexattr",
                                  "utime"])
 def test_lower_hardlinks_break_on_copy_up(ovl, how, name):
@@ -938,6 +947,9 @@ def test_lower_hardlinks_break_on_copy_up(ovl, how, name):
     assert o.upper_names() == ([name] if "/" not in name else ["d", name])
 
 
+@pytest.mark.xfail(not wk.kernel_mode() and not wk.is_fuse_overlayfs(), strict=True,
+                   reason="the FUSE kernel drops the link count of the shared inode itself "
+                          "and, with the writeback cache, keeps it (README: known divergences)")
 def test_unlink_of_lower_hardlink_alias(ovl):
     """Deleting one name of a lower hard link (a whiteout) leaves the others as they are,
     including the lower link count the kernel keeps reporting."""
@@ -1229,6 +1241,9 @@ def test_posix_acls_are_honoured_and_copied_up(ovl):
     assert os.getxattr(o.u("d"), "system.posix_acl_access") == ACL_USER_RWX
 
 
+@pytest.mark.xfail(not wk.kernel_mode() and not wk.is_fuse_overlayfs(), strict=True,
+                   reason="pyfuse3 3.5 cannot ask for FUSE_CAP_DONT_MASK: the kernel applies "
+                          "the umask before we see the mode (README: known divergences)")
 def test_default_acl_is_inherited_by_new_files(ovl):
     """A default ACL on a lower directory applies to files created in it through the
     overlay (and the umask is then not applied)."""
