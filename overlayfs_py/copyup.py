@@ -160,9 +160,6 @@ class CopyUp:
             else "trusted.overlay.origin"
         self._locks: Dict[int, trio.Lock] = {}
 
-    def in_progress(self, node: Node) -> bool:
-        return node.ino in self._locks
-
     async def settle(self, node: Node) -> None:
         """Wait for a copy-up of ``node`` that is under way, if any."""
         lock = self._locks.get(node.ino)

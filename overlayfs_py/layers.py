@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import os
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -71,10 +70,3 @@ def open_dir_at(dir_fd: int, name: bytes) -> int:
 def open_path_at(dir_fd: int, name: bytes) -> int:
     return os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
 
-
-def entry_exists(dir_fd: int, name: bytes) -> bool:
-    return lstat_at(dir_fd, name) is not None
-
-
-def is_enoent(e: OSError) -> bool:
-    return e.errno in (errno.ENOENT, errno.ENOTDIR)

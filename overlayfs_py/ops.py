@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import stat
-import time
 from typing import Optional
 
 import pyfuse3
@@ -19,7 +18,7 @@ import trio
 
 from . import whiteout
 from .config import Config
-from .copyup import CopyUp, Workdir, ensure_upper_dir
+from .copyup import CopyUp, Workdir
 from .dirops import Namespace
 from .handles import FIRST_NAME_OFFSET, HandleTable
 from .inodes import ROOT_INODE, Node

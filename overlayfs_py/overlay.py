@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pyfuse3
 
@@ -118,9 +118,6 @@ class Overlay:
         raise fuse_error(errno.ENOENT)
 
     # ----------------------------------------------------------------- merged view
-    def dir_layers(self, node: Node) -> Tuple[int, ...]:
-        return node.layers
-
     def index(self, node: Node) -> lookup.Index:
         """The merged listing of a directory, built once from one scandir per layer."""
         idx = node.index

@@ -5,7 +5,6 @@ No mount: these run on tmp_path trees and on plain data.
 import os
 import stat
 
-import pytest
 
 from overlayfs_py import dirindex, whiteout
 from overlayfs_py.inodes import InodeTable, Node, derived_ino
