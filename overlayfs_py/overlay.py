@@ -180,7 +180,7 @@ class Overlay:
         node = self.table.find(key)
         if node is None or node.is_dir != is_dir or node.unlinked:
             if is_dir:
-                layers = self._cut_dir_layers(parent, name, occ)
+                layers, opened = self._cut_dir_layers(parent, name, occ)
             elif self.config.metacopy and len(occ) > 1 and stat.S_ISREG(st.st_mode) \
                     and not occ[1][1] and self._is_metacopy(parent, top, name):
                 layers = (top, occ[1][0])        # metadata here, data in the lower file
@@ -189,6 +189,8 @@ class Overlay:
             ino_key = self._origin_key(parent, name, st, occ, layers, is_dir) or key
             node = self.table.add(
                 Node(self.table.new_ino(ino_key), parent, name, is_dir, layers, key))
+            if is_dir:
+                self._adopt_fds(node, opened)
         else:
             node.add_path(parent, name)
         if node.attr is None or not node.handles:
@@ -254,23 +256,34 @@ class Overlay:
             node.index = None
             node.kids = None
 
-    def _cut_dir_layers(self, parent: Node, name: bytes, occ) -> Tuple[int, ...]:
+    def _cut_dir_layers(self, parent: Node, name: bytes, occ):
+        """(layers of a directory down to the first opaque one, {layer: fd} opened on the
+        way). The fds are kept for the node: its listing needs them next."""
+        opened = {}
         if len(occ) == 1:
-            return (occ[0][0],)
+            return (occ[0][0],), opened
         last = len(occ) - 1
 
         def opaque(layer: int) -> bool:
             if layer == occ[last][0]:
                 return False         # nothing below to hide
             try:
-                fd = open_dir_at(self.dirfd(parent, layer), name)
+                fd = opened[layer] = open_dir_at(self.dirfd(parent, layer), name)
             except OSError:
                 return False
-            try:
-                return whiteout.dir_is_opaque(fd)
-            finally:
+            return whiteout.dir_is_opaque(fd)
+        return lookup.cut_at_opaque(occ, opaque), opened
+
+    def _adopt_fds(self, node: Node, opened) -> None:
+        for layer, fd in opened.items():
+            key = (node.ino, layer)
+            if layer in node.layers and key not in self._fds:
+                self._fds[key] = fd
+            else:
                 os.close(fd)
-        return lookup.cut_at_opaque(occ, opaque)
+        while len(self._fds) > FD_CACHE_SIZE:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
 
     # ----------------------------------------------------------------- attributes
     def stat_node(self, node: Node, fd: Optional[int] = None) -> os.stat_result:

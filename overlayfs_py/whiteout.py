@@ -62,9 +62,21 @@ def xattr_says_opaque(value: Optional[bytes]) -> bool:
 
 
 def dir_is_opaque(dir_fd: int) -> bool:
-    """Is the directory open at dir_fd opaque, in any format?"""
-    if xattr_says_opaque(opaque_value(lambda n: os.getxattr(dir_fd, n))):
-        return True
+    """Is the directory open at dir_fd opaque, in any format? (One listxattr answers the
+    common case, a plain directory, where three getxattr calls would all fail.)"""
+    try:
+        names = os.listxattr(dir_fd)
+    except OSError:
+        names = ()
+    for name in OPAQUE_XATTRS:
+        if name in names:
+            try:
+                if xattr_says_opaque(os.getxattr(dir_fd, name)):
+                    return True
+            except OSError:
+                pass
+            break                    # the first one present decides, as in the readers'
+                                     # order (kernel trusted, then user, then fuse-overlayfs)
     try:
         os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
         return True
