@@ -1301,55 +1301,71 @@ class Bench:
         return notes
 
     def table(self, rows: dict) -> str:
-        cols = [t.name for t in self.targets]
-        foot: List[str] = []
+        return render_table(rows, [t.name for t in self.targets])
 
-        def footnote(text: str) -> str:
-            text = " ".join(text.split())
-            if len(text) > 300:
-                text = text[:300] + "…"
-            if text not in foot:
-                foot.append(text)
-            return f"n/a[{foot.index(text) + 1}]"
 
-        lines = ["| workload | " + " | ".join(cols) + " |",
-                 "|---|" + "---:|" * len(cols)]
-        for name, row in rows.items():
-            cells = []
-            for c in cols:
-                cell = row["cells"][c]
-                if "median" in cell:
-                    s = fmt_value(cell["median"], row["unit"])
-                    extra = []
-                    if cell.get("vs_plain") is not None:
-                        extra.append(fmt_ratio(cell["vs_plain"]))
-                    if cell.get("vs_1layer") is not None:
-                        extra.append(f"{fmt_ratio(cell['vs_1layer'])} 1L")
-                    if extra:
-                        s += " (" + ", ".join(extra) + ")"
-                    if cell.get("tainted"):
-                        s += " †"
-                    nerr = len(cell.get("errors", []))
-                    if nerr:
-                        s += f" [{len(cell['values'])}/{len(cell['values']) + nerr} ok: " \
-                             f"{footnote(cell['errors'][0])[3:]}]"
-                    cells.append(s)
-                elif cell.get("na"):
-                    cells.append(footnote(cell["na"]))
-                elif cell.get("errors"):
-                    cells.append(footnote("failed: " + cell["errors"][0]))
-                else:
-                    cells.append("–")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        out = "\n".join(lines)
-        if any(c.get("tainted") for row in rows.values() for c in row["cells"].values()):
-            foot_t = ("† another process wrote to /proc/sys/vm/drop_caches during this cell in "
-                      f"every one of {DROP_RETRIES + 1} attempts of at least one repetition; "
-                      "its warm figures may be partly cold")
-            out += "\n\n" + foot_t
-        if foot:
-            out += "\n\n" + "\n".join(f"[{i + 1}] {f}" for i, f in enumerate(foot))
-        return out
+def spread_notes(rows: dict) -> List[str]:
+    """Cells whose repetitions disagree wildly: the median hides an outlier worth knowing."""
+    notes = []
+    for name, row in rows.items():
+        for target, cell in row["cells"].items():
+            vals = cell.get("values") or []
+            if len(vals) >= 2 and min(vals) > 0 and max(vals) / min(vals) > 5 and \
+                    (row["unit"] != "s" or max(vals) - min(vals) > 0.05):
+                shown = ", ".join(fmt_value(v, row["unit"]) for v in vals)
+                notes.append(f"wide spread in '{name}' for {target}: {shown} (median shown)")
+    return notes
+
+
+def render_table(rows: dict, cols: List[str]) -> str:
+    foot: List[str] = []
+
+    def footnote(text: str) -> str:
+        text = " ".join(text.split())
+        if len(text) > 300:
+            text = text[:300] + "…"
+        if text not in foot:
+            foot.append(text)
+        return f"n/a[{foot.index(text) + 1}]"
+
+    lines = ["| workload | " + " | ".join(cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name, row in rows.items():
+        cells = []
+        for c in cols:
+            cell = row["cells"][c]
+            if "median" in cell:
+                s = fmt_value(cell["median"], row["unit"])
+                extra = []
+                if cell.get("vs_plain") is not None:
+                    extra.append(fmt_ratio(cell["vs_plain"]))
+                if cell.get("vs_1layer") is not None:
+                    extra.append(f"{fmt_ratio(cell['vs_1layer'])} 1L")
+                if extra:
+                    s += " (" + ", ".join(extra) + ")"
+                if cell.get("tainted"):
+                    s += " †"
+                nerr = len(cell.get("errors", []))
+                if nerr:
+                    s += f" [{len(cell['values'])}/{len(cell['values']) + nerr} ok: " \
+                         f"{footnote(cell['errors'][0])[3:]}]"
+                cells.append(s)
+            elif cell.get("na"):
+                cells.append(footnote(cell["na"]))
+            elif cell.get("errors"):
+                cells.append(footnote("failed: " + cell["errors"][0]))
+            else:
+                cells.append("–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    if any(c.get("tainted") for row in rows.values() for c in row["cells"].values()):
+        foot_t = ("† another process wrote to /proc/sys/vm/drop_caches during this cell in "
+                  f"every one of {DROP_RETRIES + 1} attempts of at least one repetition; "
+                  "its warm figures may be partly cold")
+        out += "\n\n" + foot_t
+    if foot:
+        out += "\n\n" + "\n".join(f"[{i + 1}] {f}" for i, f in enumerate(foot))
+    return out
 
 
 def cleanup_active_under(mnt: str) -> None:
@@ -1450,8 +1466,11 @@ def render_section(mode: str, meta: dict, table: str, notes: List[str]) -> str:
         f"(R×) = median over repetitions of (target ÷ plain) in the same repetition, i.e. times "
         f"slower than plain (rates: plain ÷ target); `1L` = the same for this target's 1-layer "
         f"stat time",
-        f"- wall time {meta['wall_seconds'] / 60:.1f} min (fixture build "
-        f"{meta['fixture_build_seconds']:.0f} s, reused when cached); load average at start "
+        f"- wall time {meta['wall_seconds'] / 60:.1f} min, of which fixture build "
+        f"{meta['fixture_build_seconds']:.0f} s (the fixtures took "
+        f"{sum(v.get('build_seconds', 0) for v in meta['fixtures'].values()):.0f} s when first "
+        f"built, then are reused) and host-cache priming {meta.get('prime_seconds', 0):.0f} s; "
+        f"load average at start "
         f"{' '.join(mi['loadavg'])}, at end {' '.join(meta.get('loadavg_end', []))} "
         f"(2 vCPUs, shared with other work: see README)",
         f"- raw data: `benchmarks/{meta['json_name']}`",
@@ -1467,7 +1486,8 @@ RESULTS_HEADER = """# Benchmark results
 
 Produced by `benchmarks/bench.py --write-results` (`make bench` / `make bench-quick`);
 see `benchmarks/README.md` for what each workload does and how to read the ratios.
-Each section is replaced by the next run of the same mode.
+Each section is replaced by the next run of the same mode; the hand-written observations
+section is kept (check the run it refers to).
 """
 
 
@@ -1480,8 +1500,8 @@ def update_results_md(path: str, mode: str, section: str) -> None:
         for m in re.finditer(r"<!-- BEGIN (\w+) -->\n(.*?)<!-- END \1 -->", text, re.S):
             blocks[m.group(1)] = m.group(2)
     blocks[mode] = section
-    order = [m for m in ("full", "quick") if m in blocks] + \
-            [m for m in blocks if m not in ("full", "quick")]
+    fixed = ("full", "observations", "quick")     # observations: hand-written, kept as is
+    order = [m for m in fixed if m in blocks] + [m for m in blocks if m not in fixed]
     out = RESULTS_HEADER + "".join(f"\n<!-- BEGIN {m} -->\n{blocks[m]}<!-- END {m} -->\n"
                                    for m in order)
     with open(path, "w") as f:
@@ -1512,6 +1532,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="rebuild the fixtures")
     p.add_argument("--write-results", action="store_true",
                    help="replace this mode's section of benchmarks/RESULTS.md")
+    p.add_argument("--render", metavar="JSON",
+                   help="only re-render the table of a saved result file (no benchmarking)")
     p.add_argument("--json", help="result file (default benchmarks/results-DATE-MODE.json)")
     args = p.parse_args(argv)
     if args.cell_timeout is None:
@@ -1521,8 +1543,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def render_only(args: argparse.Namespace) -> int:
+    """Re-render the table (and with --write-results, the RESULTS.md section) of a saved run."""
+    with open(args.render) as f:
+        data = json.load(f)
+    meta, rows = data["meta"], data["results"]
+    notes = [n for n in data.get("notes", []) if not n.startswith("wide spread")]
+    notes += spread_notes(rows)
+    table = render_table(rows, meta["targets"])
+    print(table)
+    if notes:
+        print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    if args.write_results:
+        path = os.path.join(HERE, "RESULTS.md")
+        update_results_md(path, meta["mode"], render_section(meta["mode"], meta, table, notes))
+        print(f"updated {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render_only(args)
     bench = Bench(args)
     if args.list:
         for wl, _ in bench.workloads():
@@ -1548,7 +1590,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     bench.fx.build()
     build_s = time.monotonic() - t0
-    log(f"primed the host's cache of the fixtures in {bench.fx.prime():.1f} s")
+    prime_s = bench.fx.prime()
+    log(f"primed the host's cache of the fixtures in {prime_s:.1f} s")
     ours_t = next((t for t in bench.targets if t.name == "overlayfs-py"), None)
     log(f"mode {bench.sizes.mode}, targets {[t.name for t in bench.targets]}, reps {args.reps}; "
         f"overlayfs-py = {' '.join(ours_t.cmd) if ours_t else '-'}")
@@ -1563,7 +1606,7 @@ def main(argv=None) -> int:
 
     rows = bench.summary()
     table = bench.table(rows)
-    notes = bench.consistency_notes() + bench.notes
+    notes = bench.consistency_notes() + bench.notes + spread_notes(rows)
     ours = next((t for t in bench.targets if t.name == "overlayfs-py"), None)
     stamp = date.strftime("%Y%m%d-%H%M%S")
     json_path = args.json or os.path.join(HERE, f"results-{stamp}-{bench.sizes.mode}.json")
@@ -1573,7 +1616,8 @@ def main(argv=None) -> int:
         "targets": [t.name for t in bench.targets],
         "ours_cmd": shlex.join(ours.cmd) if ours else None,
         "fixtures": bench.fx.meta, "wall_seconds": round(wall, 1),
-        "fixture_build_seconds": round(build_s, 1), "json_name": os.path.basename(json_path),
+        "fixture_build_seconds": round(build_s, 1), "prime_seconds": round(prime_s, 1),
+        "json_name": os.path.basename(json_path),
         "loadavg_end": open("/proc/loadavg").read().split()[:3],
     }
     with open(json_path, "w") as f:
