@@ -139,47 +139,38 @@ MODES = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o000, 0o777, 0o1777])
 OWNERS = st.sampled_from([(0, 0), (1000, 1000), (-1, 1000), (1000, -1)])
 
 
+def _write_fd(path, flags, data, mode=0o664):
+    fd = os.open(path, flags | os.O_NONBLOCK, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.read(fd, 100)
+    finally:
+        os.close(fd)
+
+
+_USER_OPS = {
+    "create": lambda p: _write_fd(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, b"user"),
+    "append": lambda p: _write_fd(p, os.O_WRONLY | os.O_APPEND, b"+user"),
+    "read": _read_fd,
+    "mkdir": lambda p: os.mkdir(p, 0o775),
+    "unlink": os.unlink,
+    "rmdir": os.rmdir,
+    "chmod": lambda p: os.chmod(p, 0o640),
+}
+
+
 def run_as(uid, gid, what, path):
-    """Run one operation in a child process with the given ids; returns the errno name or
-    'ok' (raises nothing: the result is compared)."""
-    import errno as _errno
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            if what == "create":
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o664)
-                os.write(fd, b"user")
-                os.close(fd)
-            elif what == "append":
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
-                os.write(fd, b"+user")
-                os.close(fd)
-            elif what == "read":
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-                os.read(fd, 100)
-                os.close(fd)
-            elif what == "mkdir":
-                os.mkdir(path, 0o775)
-            elif what == "unlink":
-                os.unlink(path)
-            elif what == "rmdir":
-                os.rmdir(path)
-            elif what == "chmod":
-                os.chmod(path, 0o640)
-        except OSError as e:
-            code = e.errno
-        except BaseException:
-            code = 255
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 0:
-        return "ok"
-    return _errno.errorcode.get(code, str(code))
+    """Run one operation as uid/gid in a child process (writekit.run_as); returns the errno
+    name or 'ok' (raises nothing: the result is compared)."""
+    op = _USER_OPS[what]
+    return wk.run_as(uid, gid, lambda: op(path))
 
 
 class OverlayWriteMachine(RuleBasedStateMachine):
