@@ -472,9 +472,11 @@ def cleanup_active() -> None:
 
 
 def mount(target: Target, lowers: List[str], upper: str, work: str, mnt: str,
-          timeout: float = 180.0) -> Mounted:
+          timeout: float = 180.0, options: tuple = ()) -> Mounted:
+    """options: extra mount options appended to lowerdir=,upperdir=,workdir= (metacopy=on)."""
+    extra = "".join("," + o for o in options)
     if target.kind == "fuse":
-        opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+        opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}{extra}"
         logpath = os.path.join(os.path.dirname(mnt), "daemon.log")
         with open(logpath, "wb") as logf:
             proc = subprocess.Popen([*target.cmd, "-f", "-o", opts, mnt], stdin=subprocess.DEVNULL,
@@ -517,7 +519,7 @@ def mount(target: Target, lowers: List[str], upper: str, work: str, mnt: str,
         if len(parents) == 1:
             cwd = parents.pop()
             names = [os.path.basename(p) for p in lowers]
-        opts = f"lowerdir={':'.join(names)},upperdir={upper},workdir={work}"
+        opts = f"lowerdir={':'.join(names)},upperdir={upper},workdir={work}{extra}"
         if len(opts) >= 4096:
             raise MountError(f"overlay option string is {len(opts)} bytes, more than a page")
         r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], cwd=cwd,
@@ -700,6 +702,14 @@ def fmt_ratio(r: Optional[float]) -> str:
 
 TARGET_ORDER = ("plain", "kernel", "fuse-overlayfs", "overlayfs-py")
 
+# the metacopy workload: the first metadata change of a big lower file, one fresh mount each
+METACOPY_OPS = ("chmod", "chown", "utimes", "setxattr")
+METACOPY_TARGETS = ("kernel", "overlayfs-py")   # mounted with metacopy=on, and checked
+METACOPY_XATTR = "trusted.overlay.metacopy"
+METACOPY_MAX_ALLOC = 64 * 1024    # allocated bytes still counted as "no data" (an xattr block)
+METACOPY_UID = 1000
+METACOPY_TIME = FIXED_MTIME + 86400
+
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
@@ -763,9 +773,10 @@ class Bench:
                 return
         shutil.rmtree(d, ignore_errors=True)
 
-    def _mount(self, t: Target, lowers: List[str], upper: str, work: str, mnt: str) -> Mounted:
+    def _mount(self, t: Target, lowers: List[str], upper: str, work: str, mnt: str,
+               options: tuple = ()) -> Mounted:
         try:
-            h = mount(t, lowers, upper, work, mnt)
+            h = mount(t, lowers, upper, work, mnt, options=options)
         except MountError as e:
             t.mount_failures += 1
             if t.mounted_ok == 0 and t.mount_failures >= 2:
@@ -782,10 +793,11 @@ class Bench:
 
     @contextlib.contextmanager
     def view(self, t: Target, lowers: List[str], plain_copy: Optional[Callable[[str], None]] = None,
-             base: Optional[str] = None):
+             base: Optional[str] = None, options: tuple = ()):
         """A fresh overlay mount of lowers (top first) with a fresh upper and work dir, or for
         the plain target the bottom layer itself (read-only workloads) or a fresh copy made by
-        plain_copy(dir) outside the timed part (workloads that write)."""
+        plain_copy(dir) outside the timed part (workloads that write). options: extra mount
+        options for the overlay targets. The upper dir is View.base/u."""
         d = self._scratch(base)
         try:
             if t.kind == "plain":
@@ -801,7 +813,7 @@ class Bench:
             u, w, m = (os.path.join(d, x) for x in ("u", "w", "m"))
             for x in (u, w, m):
                 os.mkdir(x)
-            h = self._mount(t, lowers, u, w, m)
+            h = self._mount(t, lowers, u, w, m, options)
             try:
                 os.sync()
                 yield View(m, h.pid, d)
@@ -848,6 +860,7 @@ class Bench:
             ("read", self.wl_read),
             ("write", self.wl_write),
             ("copyup", self.wl_copyup),
+            ("metacopy", self.wl_metacopy),
             ("create", self.wl_create),
             ("whiteout", self.wl_whiteout),
             ("git", self.wl_git),
@@ -882,6 +895,8 @@ class Bench:
             "write": [self.metric(f"seq write {human_bytes(s.write_bytes)} + fsync", "MB/s", True)],
             "copyup": [self.metric(f"copy-up: append 1 B to {big} lower file", "s"),
                        self.metric(f"copy-up: chmod {big} lower file", "s")],
+            "metacopy": [self.metric(f"metacopy=on: {op} {big} lower file", "s")
+                         for op in METACOPY_OPS],
             "create": [self.metric(f"create {kfmt(s.create_n)} small files", "s"),
                        self.metric(f"delete those {kfmt(s.create_n)} files", "s")],
             "whiteout": [self.metric(f"delete {kfmt(s.delete_n)} lower files (whiteouts)",
@@ -1153,6 +1168,87 @@ class Bench:
         a_n, c_n = self.declared_metrics("copyup")
         a, c = self._copyup(t, self.fx.image)
         return {a_n: a, c_n: c}
+
+    def wl_metacopy(self, t: Target) -> dict:
+        """chmod, chown, utimes, setxattr: each the first metadata change of the big lower file,
+        each on its own fresh mount. kernel and overlayfs-py get -o metacopy=on (a metadata-only
+        copy-up: a sparse upper file with the trusted.overlay.metacopy xattr, checked after each
+        operation); fuse-overlayfs has no metacopy and copies the whole file."""
+        names = self.declared_metrics("metacopy")
+        src = os.path.join(self.fx.image, "big.bin")
+        size = os.stat(src).st_size
+        read_file(src, size)      # lower data in the page cache: measure the fs, not the disk
+        meta = t.name in METACOPY_TARGETS
+        opts = ("metacopy=on",) if meta else ()
+        xname, xvalue = "user.bench", b"metacopy"
+        ops = {
+            "chmod": (lambda p: os.chmod(p, 0o600),
+                      lambda p, st: st.st_mode & 0o7777 == 0o600),
+            "chown": (lambda p: os.chown(p, METACOPY_UID, -1),
+                      lambda p, st: st.st_uid == METACOPY_UID),
+            "utimes": (lambda p: os.utime(p, (METACOPY_TIME, METACOPY_TIME)),
+                       lambda p, st: int(st.st_mtime) == METACOPY_TIME),
+            "setxattr": (lambda p: os.setxattr(p, xname, xvalue),
+                         lambda p, st: os.getxattr(p, xname) == xvalue),
+        }
+
+        def copy(p):
+            subprocess.run(["cp", "--reflink=auto", "--preserve=all", src, p], check=True)
+
+        out = {}
+        for op, name in zip(METACOPY_OPS, names):
+            change, took = ops[op]
+            try:
+                with self.view(t, [self.fx.image], plain_copy=copy, options=opts) as v:
+                    p = os.path.join(v.path, "big.bin")
+                    os.lstat(p)       # the lookup is not part of the measurement
+                    t0 = time.perf_counter()
+                    change(p)
+                    dt = time.perf_counter() - t0
+                    st = os.stat(p)
+                    if not took(p, st):
+                        raise RuntimeError(f"{op} did not take effect")
+                    if st.st_size != size:
+                        raise RuntimeError(f"size after {op} is {st.st_size}, want {size}")
+                    if meta:
+                        self._check_metacopy(t, op, os.path.join(v.base, "u", "big.bin"))
+                    same_blocks(p, src, size)
+                out[name] = dt
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:
+                # one operation failing must not hide the others
+                err = f"{type(e).__name__}: {e}"
+                if self.timed_out:
+                    err = f"timed out after {self.args.cell_timeout:.0f} s, daemon killed; then {err}"
+                self.record_error(name, t.name, err)
+                log(f"metacopy {op} {t.name}: FAILED {err[:300]}")
+        return out
+
+    def _check_metacopy(self, t: Target, op: str, upper: str) -> None:
+        """After a metadata change with metacopy=on, the upper file must carry the metacopy
+        xattr and hold (about) no data blocks. Recorded as a consistency check, and noted when
+        it fails. Outside the timed part."""
+        problems = []
+        try:
+            ust = os.lstat(upper)
+        except FileNotFoundError:
+            problems.append("no upper file (no copy-up at all)")
+        else:
+            try:
+                os.getxattr(upper, METACOPY_XATTR, follow_symlinks=False)
+            except OSError as e:
+                problems.append(f"no {METACOPY_XATTR} xattr ({os.strerror(e.errno)})")
+            alloc = ust.st_blocks * 512
+            if alloc > METACOPY_MAX_ALLOC:
+                problems.append(f"{alloc / MiB:.0f} MiB of data allocated in the upper file "
+                                f"(st_blocks {ust.st_blocks}): the data was copied")
+        self.check(f"metacopy=on {op}: upper file is metadata-only", t.name,
+                   "yes" if not problems else "NO: " + "; ".join(problems))
+        if problems:
+            note = f"metacopy check FAILED for {t.name}, {op}: " + "; ".join(problems)
+            if note not in self.notes:
+                self.notes.append(note)
 
     def wl_create(self, t: Target) -> dict:
         c_n, d_n = self.declared_metrics("create")
