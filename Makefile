@@ -49,8 +49,11 @@ kernel-modules:
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+$(STAMP): pyproject.toml vendor/pyfuse3/build.py | $(VENV)/bin/python
 	$(VPY) -m pip install --quiet --upgrade pip
+	@# pyfuse3 with our small patch set (see vendor/pyfuse3/build.py) before the package,
+	@# so pip keeps it: the daemon needs its directory-cache and DONT_MASK hooks.
+	$(VPY) vendor/pyfuse3/build.py $(VPY)
 	$(VPY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -21,8 +21,8 @@ from . import whiteout
 from .copyup import CopyUp, Workdir, ensure_upper_dir, remove_tree_at
 from .creds import as_user
 from .inodes import Node
-from .layers import (RENAME_EXCHANGE, RENAME_WHITEOUT, lstat_at, open_path_at, proc_path,
-                     renameat2)
+from .layers import (RENAME_EXCHANGE, RENAME_WHITEOUT, has_default_acl, lstat_at, open_path_at,
+                     proc_path, renameat2)
 from .lookup import needs_whiteout
 from .overlay import UPPER, Overlay, fuse_error
 
@@ -99,16 +99,18 @@ class Namespace:
         os.setxattr(target, self.opaque_xattr, b"y")
 
     def _forget_name(self, parent: Node, name: bytes, node: Node,
-                     upper_st: Optional[os.stat_result]) -> None:
-        """Bookkeeping after ``name`` stopped naming ``node``."""
-        self.ov.name_changed(parent, name)
+                     upper_st: Optional[os.stat_result], gone: bool = True) -> None:
+        """Bookkeeping after ``name`` stopped naming ``node``. ``gone``: the name shows
+        nothing now (unlink, rmdir); otherwise the caller refreshes it (rename)."""
+        if gone:
+            self.ov.name_removed(parent, name)
         self.ov.changed(node)
         node.remove_path(parent, name)
         if not node.paths:
             node.unlinked = True
             if node.is_dir:
                 self.ov.drop_fds(node)
-                node.index = node.kids = None
+                node.index = node.listing = node.kids = None
             if not (upper_st is not None and upper_st.st_nlink > 1 and not node.is_dir):
                 self.ov.table.drop_key(node)
 
@@ -168,13 +170,19 @@ class Namespace:
         return self.ov.uidmap.to_layer(uid), lgid, sgid
 
     def make(self, parent: Node, name: bytes, uid: int, gid: int, is_dir: bool,
-             maker: Callable[[int, bytes], Optional[int]], mode: int = 0):
-        """Create ``name`` with ``maker(dir_fd, name)``; returns (node, maker's result)."""
+             maker: Callable[[int, bytes, int], Optional[int]], mode: int = 0, umask: int = 0):
+        """Create ``name`` with ``maker(dir_fd, name, mode)``; returns (node, maker's result).
+
+        ``umask`` is the caller's, when the kernel did not apply it (DONT_MASK): as on a local
+        filesystem it applies unless the parent has a default ACL, which then decides the
+        mode (the upper filesystem applies it, as it does under the kernel's overlay)."""
         parent_fd, over_whiteout, oci = self._prepare_create(parent, name)
+        if umask and not has_default_acl(parent_fd):
+            mode &= ~umask
         luid, lgid, sgid = self._owner(parent_fd, uid, gid)
         if not over_whiteout:
             with as_user(luid, lgid):
-                result = maker(parent_fd, name)
+                result = maker(parent_fd, name, mode)
             if is_dir and oci:
                 fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
                 try:
@@ -196,7 +204,7 @@ class Namespace:
         """Build in the workdir, then swap with the whiteout (the kernel's create-over-whiteout)."""
         work = self.work
         tmp = work.temp_name()
-        result = maker(work.fd, tmp)
+        result = maker(work.fd, tmp, mode)
         try:
             pfd = open_path_at(work.fd, tmp)
             try:
@@ -287,6 +295,11 @@ class Namespace:
         await self.cu.settle(src)
         if dst is not None:
             await self.cu.settle(dst)
+        if not src.is_dir and src.paths and src.paths[0] != (p_old, n_old):
+            # several names of one lower hard link share this node (README): copy up the
+            # name being renamed, not whichever name was looked up first
+            src.paths.remove((p_old, n_old))
+            src.paths.insert(0, (p_old, n_old))
         await self.cu.copy_up(src)
         if exchange:
             await self.cu.copy_up(dst)
@@ -335,7 +348,7 @@ class Namespace:
         if lstat_at(new_fd, whiteout.WH_PREFIX + n_new) is not None:
             os.unlink(whiteout.WH_PREFIX + n_new, dir_fd=new_fd)
         if dst is not None:
-            self._forget_name(p_new, n_new, dst, None)
+            self._forget_name(p_new, n_new, dst, None, gone=False)
         src.remove_path(p_old, n_old)
         src.paths.insert(0, (p_new, n_new))
         ov.name_changed(p_old, n_old)

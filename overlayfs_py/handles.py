@@ -3,27 +3,17 @@
 A file handle holds a real fd on the backing file. A read-only handle opened on a lower file is
 moved to the upper copy when the file is copied up, so every reader sees the written data (the
 kernel's overlay would keep showing the old lower data to such a reader: see the README).
-A directory handle holds a snapshot of the merged listing, ordered by a 63-bit hash of each
-name: that hash is the readdir offset, so offsets do not shift when entries are added or removed
-during a listing, and telldir/seekdir stay valid.
+A directory handle (used only when the kernel sends OPENDIR, i.e. with an unpatched pyfuse3)
+holds a snapshot of the merged listing taken when the listing starts (readdir.Listing).
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 import os
-from typing import Dict, List, Optional, Tuple
-
-import xxhash
+from typing import Dict, Optional
 
 from .inodes import Node
-
-# 0 = start of the listing; 1 and 2 are the offsets after '.' and '..'
-FIRST_NAME_OFFSET = 3
-
-
-def name_offset(name: bytes) -> int:
-    return (xxhash.xxh64_intdigest(name) >> 2) + FIRST_NAME_OFFSET
+from .readdir import Listing
 
 
 class FileHandle:
@@ -43,20 +33,11 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("fh", "node", "entries", "offsets")
+    __slots__ = ("fh", "node", "listing")
 
     def __init__(self, fh: int, node: Node):
         self.fh, self.node = fh, node
-        self.entries: Optional[List[Tuple[int, bytes]]] = None
-        self.offsets: List[int] = []
-
-    def load(self, names) -> None:
-        self.entries = sorted((name_offset(n), n) for n in names)
-        self.offsets = [o for o, _ in self.entries]
-
-    def after(self, offset: int) -> int:
-        """Position of the first entry whose offset is greater than ``offset``."""
-        return bisect.bisect_right(self.offsets, offset)
+        self.listing: Optional[Listing] = None
 
 
 class HandleTable:

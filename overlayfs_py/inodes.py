@@ -26,11 +26,12 @@ class Node:
 
     ``paths`` holds the (parent node, name) pairs it is known by (several for hard links).
     ``layers`` is the top layer first: one entry for a non-directory, and for a directory every
-    layer it merges (None until first needed). ``index`` caches a directory's merged listing.
+    layer it merges (None until first needed). ``index`` caches a directory's merged listing
+    (name -> occurrences), ``listing`` the same names in readdir order (readdir.Listing).
     """
 
-    __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "handles",
-                 "unlinked", "attr", "kids", "__weakref__")
+    __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "listing",
+                 "handles", "unlinked", "attr", "kids", "__weakref__")
 
     def __init__(self, ino: int, parent: Optional["Node"], name: bytes, is_dir: bool,
                  layers, key: Optional[Key]):
@@ -41,6 +42,7 @@ class Node:
         self.nlookup = 0
         self.key = key
         self.index = None
+        self.listing = None
         self.handles = None          # set of open file handles, created on demand
         self.unlinked = False
         # Caches, valid because the layers change only through us (overlayfs.rst: changing

@@ -34,6 +34,15 @@ def proc_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def has_default_acl(dir_fd: int) -> bool:
+    """Whether the directory behind ``dir_fd`` carries a default POSIX ACL."""
+    try:
+        os.getxattr(proc_path(dir_fd), "system.posix_acl_default")
+        return True
+    except OSError:                 # ENODATA: none; EOPNOTSUPP: no ACLs on this filesystem
+        return False
+
+
 class Layer:
     """A layer directory, held open. ``index`` 0 is the top of the stack."""
 

@@ -20,7 +20,8 @@ from . import whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir
 from .dirops import Namespace
-from .handles import FIRST_NAME_OFFSET, HandleTable
+from .handles import HandleTable
+from .readdir import FIRST_NAME_OFFSET, Listing
 from .inodes import ROOT_INODE, Node
 from .overlay import UPPER, Overlay, fuse_error
 
@@ -67,6 +68,13 @@ class Operations(pyfuse3.Operations):
     # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs, copied up with
     # the others), as on the kernel overlay and fuse-overlayfs.
     enable_acl = True
+    # Our pyfuse3 build (vendor/pyfuse3) passes the inode to readdir when the kernel sends no
+    # handle, and can ask for DONT_MASK. With a stock pyfuse3 both stay off.
+    _PATCHED = getattr(pyfuse3, "OVERLAYFS_PY_PATCH", 0) >= 1
+    # No OPENDIR: the kernel caches listings and sends no OPENDIR/RELEASEDIR (see opendir).
+    dir_cache = _PATCHED and not os.environ.get("OVERLAYFS_PY_NO_DIR_CACHE")
+    # The kernel leaves the umask to us, so a parent's default ACL can replace it (see make).
+    enable_dont_mask = _PATCHED
 
     def __init__(self, config: Config, ov: Overlay, work: Optional[Workdir]):
         super().__init__()
@@ -91,6 +99,10 @@ class Operations(pyfuse3.Operations):
     def _need_writable(self) -> None:
         if not self.writable:
             raise fuse_error(errno.EROFS)
+
+    def _umask(self, ctx) -> int:
+        """The caller's umask when the kernel left it to us (DONT_MASK), else 0."""
+        return ctx.umask if self.enable_dont_mask else 0
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.ov.node_attrs(node)
@@ -279,10 +291,11 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL
 
-        def maker(dir_fd: int, n: bytes) -> int:
-            return os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd)
+        def maker(dir_fd: int, n: bytes, m: int) -> int:
+            return os.open(n, oflags, stat.S_IMODE(m), dir_fd=dir_fd)
 
-        node, fd = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode)
+        node, fd = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode,
+                                self._umask(ctx))
         h = self.handles.open_file(fd, node, flags, True)
         return self._file_info(h), self._entry(node)
 
@@ -325,14 +338,28 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise fuse_error(errno.ENOTDIR)
+        if self.dir_cache:
+            # ENOSYS once and the kernel stops sending OPENDIR and RELEASEDIR on this mount
+            # (no_opendir); it then opens directories with FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE
+            # and keeps each listing in its page cache until the directory changes through
+            # the mount. READDIR then carries the inode (our pyfuse3 patch), and our offsets
+            # need no per-open state.
+            raise fuse_error(errno.ENOSYS)
         return self.handles.open_dir(node).fh
+
+    def _dir_listing(self, fh: int, start_id: int):
+        if self.dir_cache:
+            node = self._node(fh)                  # the inode: there was no OPENDIR
+            return node, self.ov.listing(node)
+        h = self.handles.dirs[fh]
+        if start_id == 0 or h.listing is None:     # snapshot at the start of a listing
+            h.listing = Listing(self.ov.index(h.node).keys())
+        return h.node, h.listing
 
     @handler
     async def readdir(self, fh, start_id, token):
-        h = self.handles.dirs[fh]
-        node, ov = h.node, self.ov
-        if start_id == 0 or h.entries is None:
-            h.load(ov.index(node).keys())
+        node, listing = self._dir_listing(fh, start_id)
+        ov = self.ov
         if start_id < 2 and not node.unlinked:
             for off, name, target in ((1, b".", node), (2, b"..", node.parent or node)):
                 if start_id >= off:
@@ -340,8 +367,8 @@ class Operations(pyfuse3.Operations):
                 # readdirplus: the kernel takes no reference for . and ..
                 if not pyfuse3.readdir_reply(token, name, ov.node_attrs(target), off):
                     return
-        i = h.after(max(start_id, FIRST_NAME_OFFSET - 1))
-        entries = h.entries
+        i = listing.after(max(start_id, FIRST_NAME_OFFSET - 1))
+        entries = listing.entries
         while i < len(entries):
             off, name = entries[i]
             i += 1
@@ -362,23 +389,28 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh, datasync):
-        h = self.handles.dirs.get(fh)
-        if h is None or not self.writable or not self.config.fsync or h.node.unlinked:
+        if self.dir_cache:
+            node = self._node(fh)
+        else:
+            h = self.handles.dirs.get(fh)
+            if h is None:
+                return
+            node = h.node
+        if not self.writable or not self.config.fsync or node.unlinked:
             return
-        if h.node.layer == UPPER:
-            fd = self.ov.dirfd(h.node, UPPER)
+        if node.layer == UPPER:
+            fd = self.ov.dirfd(node, UPPER)
             await trio.to_thread.run_sync(os.fsync, fd)
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
         self._need_writable()
         parent = self._node(parent_inode)
-        perm = stat.S_IMODE(mode)
+        def maker(dir_fd: int, n: bytes, m: int) -> None:
+            os.mkdir(n, stat.S_IMODE(m), dir_fd=dir_fd)
 
-        def maker(dir_fd: int, n: bytes) -> None:
-            os.mkdir(n, perm, dir_fd=dir_fd)
-
-        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, True, maker, perm | stat.S_IFDIR)
+        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, True, maker,
+                               stat.S_IMODE(mode) | stat.S_IFDIR, self._umask(ctx))
         return self._entry(node)
 
     @handler
@@ -388,10 +420,11 @@ class Operations(pyfuse3.Operations):
             raise fuse_error(errno.EPERM)       # a whiteout cannot be made through the overlay
         parent = self._node(parent_inode)
 
-        def maker(dir_fd: int, n: bytes) -> None:
-            os.mknod(n, mode, rdev, dir_fd=dir_fd)
+        def maker(dir_fd: int, n: bytes, m: int) -> None:
+            os.mknod(n, m, rdev, dir_fd=dir_fd)
 
-        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode)
+        node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode,
+                               self._umask(ctx))
         return self._entry(node)
 
     @handler
@@ -399,7 +432,7 @@ class Operations(pyfuse3.Operations):
         self._need_writable()
         parent = self._node(parent_inode)
 
-        def maker(dir_fd: int, n: bytes) -> None:
+        def maker(dir_fd: int, n: bytes, m: int) -> None:
             os.symlink(target, n, dir_fd=dir_fd)
 
         node, _ = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker)

@@ -21,6 +21,7 @@ from .config import Config
 from .idmap import IdMap
 from .inodes import ROOT_INODE, InodeTable, Node
 from .layers import Layer, lstat_at, open_dir_at, open_path_at
+from .readdir import Listing
 
 log = logging.getLogger("overlayfs_py")
 
@@ -131,12 +132,21 @@ class Overlay:
                 except (FileNotFoundError, NotADirectoryError):
                     continue
             idx = node.index = lookup.merge_listings(listings)
+            node.listing = None
         return idx
+
+    def listing(self, node: Node) -> Listing:
+        """The merged names of a directory in readdir order, kept until a name changes."""
+        lst = node.listing
+        if lst is None or node.index is None:
+            lst = node.listing = Listing(self.index(node).keys())
+        return lst
 
     def refresh_entry(self, parent: Node, name: bytes) -> None:
         """Recompute one name of a cached merged index after we changed it in the upper layer."""
         if parent.index is None:
             return
+        parent.listing = None
         listings = []
         for layer in parent.layers:
             try:
@@ -246,6 +256,15 @@ class Overlay:
             parent.kids.pop(name, None)
         parent.attr = None
 
+    def name_removed(self, parent: Node, name: bytes) -> None:
+        """``name`` in ``parent`` shows nothing any more: we deleted it or whited it out.
+        Cheaper than name_changed, which looks the name up again in every layer."""
+        if parent.index is not None and parent.index.pop(name, None) is not None:
+            parent.listing = None
+        if parent.kids is not None:
+            parent.kids.pop(name, None)
+        parent.attr = None
+
     def forget_node(self, node: Node) -> None:
         """The kernel forgot the node: drop what refers to it."""
         for parent, name in node.paths:
@@ -253,8 +272,7 @@ class Overlay:
                 del parent.kids[name]
         if node.is_dir:
             self.drop_fds(node)
-            node.index = None
-            node.kids = None
+            node.index = node.listing = node.kids = None
 
     def _cut_dir_layers(self, parent: Node, name: bytes, occ):
         """(layers of a directory down to the first opaque one, {layer: fd} opened on the

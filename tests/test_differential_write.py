@@ -16,7 +16,7 @@ import stat
 import sys
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
@@ -173,6 +173,25 @@ def run_as(uid, gid, what, path):
     return wk.run_as(uid, gid, lambda: op(path))
 
 
+def _has_aliases(root, rel):
+    """Whether another name under root shows the same non-directory inode as root/rel."""
+    try:
+        st = os.lstat(os.path.join(root, rel))
+    except OSError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        return False
+    names = 0
+    for dirpath, dirs, files in os.walk(root):
+        for n in files + dirs:
+            try:
+                s = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            names += (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino)
+    return names > 1
+
+
 class OverlayWriteMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -301,6 +320,10 @@ class OverlayWriteMachine(RuleBasedStateMachine):
     @rule(src=paths, dst=paths,
           flags=st.sampled_from([0, 0, wk.RENAME_NOREPLACE, wk.RENAME_EXCHANGE]))
     def rename(self, src, dst, flags):
+        # Names of one lower hard link are one FUSE inode to the kernel and to us, separate
+        # inodes on the kernel overlay (README, known divergences): renaming one of them
+        # diverges (a no-op between two of them; the other names' link counts otherwise).
+        assume(not _has_aliases(self.kern.mnt, src))
         self.both(f"rename[{flags}]", lambda s, d: wk.renameat2(s, d, flags), src, dst)
 
     @rule(p=paths, mode=MODES)

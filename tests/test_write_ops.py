@@ -963,6 +963,20 @@ def test_unlink_of_lower_hardlink_alias(ovl):
     assert o.upper_names() == ["h"]
 
 
+def test_rename_of_lower_hardlink_alias_copies_that_name(ovl):
+    """mv of the second-looked-up name of a lower hard link copies up that name (not the
+    first one the kernel saw) and whites it out: the upper layer is the kernel's."""
+    from layerkit import Hardlink
+    o = ovl({"b": "lower b\n", "c": Hardlink("b")})
+    assert sorted(os.listdir(o.p())) == ["b", "c"]
+    os.lstat(o.p("b"))
+    os.rename(o.p("c"), o.p("a"))
+    assert wk.read_file(o.p("a")) == b"lower b\n"
+    assert o.upper_names() == ["a", "c"]
+    assert is_whiteout(o.u("c")) and wk.read_file(o.u("a")) == b"lower b\n"
+    assert not os.path.lexists(o.p("c"))
+
+
 # ---------------------------------------------------------------------------------------------
 # times, big directories
 # ---------------------------------------------------------------------------------------------
@@ -1241,9 +1255,28 @@ def test_posix_acls_are_honoured_and_copied_up(ovl):
     assert os.getxattr(o.u("d"), "system.posix_acl_access") == ACL_USER_RWX
 
 
-@pytest.mark.xfail(not wk.kernel_mode() and not wk.is_fuse_overlayfs(), strict=True,
-                   reason="pyfuse3 3.5 cannot ask for FUSE_CAP_DONT_MASK: the kernel applies "
-                          "the umask before we see the mode (README: known divergences)")
+def test_umask_applies_without_default_acl(ovl):
+    """Without a default ACL the caller's umask shapes every new object's mode -- also when
+    the daemon, not the kernel, applies it (DONT_MASK) and over a whiteout (workdir path)."""
+    o = ovl({"d/gone": "x", "d/gonedir/f": "y"})
+    os.unlink(o.p("d/gone"))
+    os.unlink(o.p("d/gonedir/f"))
+    os.rmdir(o.p("d/gonedir"))
+    old = os.umask(0o027)
+    try:
+        for name in ("new", "gone"):
+            os.close(os.open(o.p(f"d/{name}"), os.O_WRONLY | os.O_CREAT, 0o666))
+        for name in ("sub", "gonedir"):
+            os.mkdir(o.p(f"d/{name}"), 0o777)
+        os.mkfifo(o.p("d/fifo"), 0o666)
+    finally:
+        os.umask(old)
+    for name, want in (("new", 0o640), ("gone", 0o640), ("sub", 0o750),
+                       ("gonedir", 0o750), ("fifo", 0o640)):
+        assert stat.S_IMODE(os.lstat(o.p(f"d/{name}")).st_mode) == want, name
+        assert stat.S_IMODE(os.lstat(o.u(f"d/{name}")).st_mode) == want, name
+
+
 def test_default_acl_is_inherited_by_new_files(ovl):
     """A default ACL on a lower directory applies to files created in it through the
     overlay (and the umask is then not applied)."""
