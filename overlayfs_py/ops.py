@@ -85,9 +85,14 @@ class Operations(pyfuse3.Operations):
         self.writable = ov.writable
         self.enable_writeback_cache = bool(config.writeback and self.writable)
         self.handles = HandleTable()
+        self.init_done = False
         if self.writable:
             self.cu = CopyUp(ov, work, fsync=config.fsync, metacopy=config.metacopy)
             self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
+
+    def init(self):
+        # called while pyfuse3 handles INIT, just before it replies (see session)
+        self.init_done = True
 
     # ---------------------------------------------------------------- helpers
     def _node(self, ino: int) -> Node:

@@ -23,7 +23,7 @@ from .overlay import Overlay
 log = logging.getLogger("overlayfs_py")
 
 MIN_TASKS, MAX_TASKS = 4, 64
-READ_AHEAD_KB = 1024
+READ_AHEAD_KB = 2048
 
 
 class MountError(Exception):
@@ -64,7 +64,10 @@ def fuse_options(config: Config) -> set:
 
 
 def _tune_readahead(mountpoint: str) -> None:
-    """pyfuse3 cannot set max_read; a larger bdi read-ahead gives 1 MiB read requests."""
+    """A larger bdi read-ahead gives 1 MiB read requests and several of them in flight.
+
+    Only after INIT: the kernel sends INIT at mount time with the read-ahead it had then
+    (128 KiB), and sets the bdi to the smaller of its current value and the reply's."""
     # Not os.stat(mountpoint): that would wait for a request nobody serves yet.
     try:
         with open("/proc/self/mountinfo") as f:
@@ -76,8 +79,14 @@ def _tune_readahead(mountpoint: str) -> None:
         log.debug("read_ahead_kb not set: %s", e)
 
 
-async def _serve() -> None:
+async def _serve(ops: Operations, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
+        async def tune_after_init():
+            while not ops.init_done:         # set by INIT; the reply follows at once
+                await trio.sleep(0.005)
+            await trio.sleep(0)
+            _tune_readahead(mountpoint)
+        nursery.start_soon(tune_after_init)
         async def on_signals():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
@@ -110,10 +119,9 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
         except (RuntimeError, OSError) as e:
             raise MountError(f"cannot mount on {config.mountpoint!r}: {e}") from None
         try:
-            _tune_readahead(config.mountpoint)
             if on_ready is not None:
                 on_ready()
-            trio.run(_serve)
+            trio.run(_serve, ops, config.mountpoint)
         finally:
             ops.handles.close_all()
             pyfuse3.close(unmount=True)
