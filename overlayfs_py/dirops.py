@@ -111,6 +111,7 @@ class Namespace:
             if node.is_dir:
                 self.ov.drop_fds(node)
                 node.index = node.listing = node.kids = None
+                self.ov.dir_lru.pop(node.ino, None)
             if not (upper_st is not None and upper_st.st_nlink > 1 and not node.is_dir):
                 self.ov.table.drop_key(node)
 

@@ -23,11 +23,12 @@ from .dirops import Namespace
 from .handles import HandleTable
 from .readdir import FIRST_NAME_OFFSET, Listing
 from .inodes import ROOT_INODE, Node
-from .overlay import UPPER, Overlay, fuse_error
+from .overlay import MAX_NODES, UPPER, Overlay, fuse_error
 
 log = logging.getLogger("overlayfs_py")
 
 BIG_IO = 128 * 1024
+TRIM_INTERVAL = 0.25       # seconds between checks of the node table's size (trim_nodes)
 # requests during which the kernel holds no directory lock: they may wait for invalidations
 _NO_DIR_LOCK = frozenset(("open", "setattr", "setxattr", "removexattr"))           # reads/writes at least this large go to a worker thread
 
@@ -86,6 +87,7 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = bool(config.writeback and self.writable)
         self.handles = HandleTable()
         self.init_done = False
+        self.max_nodes = MAX_NODES
         if self.writable:
             self.cu = CopyUp(ov, work, fsync=config.fsync, metacopy=config.metacopy)
             self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
@@ -93,6 +95,28 @@ class Operations(pyfuse3.Operations):
     def init(self):
         # called while pyfuse3 handles INIT, just before it replies (see session)
         self.init_done = True
+
+    async def trim_nodes(self) -> None:
+        """Keep the node table near MAX_NODES on trees bigger than that: ask the kernel to
+        forget the least recently listed directories (Overlay.trim_candidates). FORGETs
+        arrive later, so wait before looking again, and back off while they do not come
+        (e.g. the kernel has that many files open)."""
+        pause = TRIM_INTERVAL
+        while True:
+            await trio.sleep(pause)
+            before = len(self.ov.table)
+            excess = before - self.max_nodes
+            if excess <= 0:
+                pause = TRIM_INTERVAL
+                continue
+            # go a fifth below the limit, so that a walk does not trim at every step
+            entries = self.ov.trim_candidates(excess + self.max_nodes // 5)
+            log.debug("trim: %d nodes > %d: invalidating %d directory entries",
+                      before, self.max_nodes, len(entries))
+            for parent_ino, name in entries:
+                pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+            await trio.sleep(TRIM_INTERVAL)
+            pause = TRIM_INTERVAL if len(self.ov.table) < before else min(pause * 2, 30.0)
 
     # ---------------------------------------------------------------- helpers
     def _node(self, ino: int) -> Node:

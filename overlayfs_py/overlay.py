@@ -26,6 +26,9 @@ from .readdir import Listing
 log = logging.getLogger("overlayfs_py")
 
 FD_CACHE_SIZE = 4096
+# Nodes the daemon keeps before it asks the kernel to forget the least recently used
+# directories (see trim_candidates): about 1.2 KiB each, so ~120 MiB at the limit.
+MAX_NODES = int(os.environ.get("OVERLAYFS_PY_MAX_NODES") or 100_000)
 UPPER = 0                  # index of the upper layer when the mount is writable
 
 
@@ -70,6 +73,8 @@ class Overlay:
         self.pending_invalidations: List[Tuple[int, bytes]] = []
         self.entry_timeout = config.timeout
         self.attr_timeout = config.timeout
+        # directories by last use of their listing, oldest first (trim_candidates)
+        self.dir_lru: "OrderedDict[int, Node]" = OrderedDict()
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -133,6 +138,11 @@ class Overlay:
                     continue
             idx = node.index = lookup.merge_listings(listings)
             node.listing = None
+        lru = self.dir_lru
+        if node.ino in lru:
+            lru.move_to_end(node.ino)
+        else:
+            lru[node.ino] = node
         return idx
 
     def listing(self, node: Node) -> Listing:
@@ -273,6 +283,28 @@ class Overlay:
         if node.is_dir:
             self.drop_fds(node)
             node.index = node.listing = node.kids = None
+            self.dir_lru.pop(node.ino, None)
+
+    def trim_candidates(self, excess: int) -> List[Tuple[int, bytes]]:
+        """Directory entries to invalidate so that the kernel forgets about ``excess`` nodes.
+
+        The kernel holds a reference to every node it has a dentry for, and on a big tree
+        it keeps them all (there is no memory pressure to make it let go), so the daemon's
+        table would grow without bound. Invalidating the dentry of a directory makes the
+        kernel prune the unused part of its subtree and send FORGET for those inodes. We
+        pick the directories whose listings were used least recently, drop their cached
+        listings at once, and count each as freeing itself and its known children."""
+        out: List[Tuple[int, bytes]] = []
+        lru = self.dir_lru
+        freed = 0
+        while freed < excess and lru:
+            ino, node = lru.popitem(last=False)
+            if ino == ROOT_INODE or node.unlinked or not node.paths:
+                continue
+            freed += 1 + len(node.kids or ())
+            node.index = node.listing = node.kids = None
+            out.extend((parent.ino, name) for parent, name in node.paths)
+        return out
 
     def _cut_dir_layers(self, parent: Node, name: bytes, occ):
         """(layers of a directory down to the first opaque one, {layer: fd} opened on the

@@ -87,6 +87,7 @@ async def _serve(ops: Operations, mountpoint: str) -> None:
             await trio.sleep(0)
             _tune_readahead(mountpoint)
         nursery.start_soon(tune_after_init)
+        nursery.start_soon(ops.trim_nodes)
         async def on_signals():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:

@@ -39,3 +39,37 @@ def test_read_ahead_is_raised_after_init(make_layers, mounted):
             break
         time.sleep(0.02)
     assert value == READ_AHEAD_KB
+
+
+def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
+    """Past OVERLAYFS_PY_MAX_NODES the daemon asks the kernel to forget the least recently
+    listed directories, and the kernel does (FORGET); everything stays correct after."""
+    fuse_only("counts the daemon's requests")
+    if wk.is_fuse_overlayfs():
+        pytest.skip("overlayfs-py's node table")
+    import re
+    import subprocess
+    import sys
+    spec = {f"d{i // 40}/f{i}": f"{i}\n" for i in range(6000)}
+    stack = make_layers(spec, {"d0/low": "low\n"}, upper=True)
+    env = dict(os.environ, OVERLAYFS_PY_MAX_NODES="1000")
+    m = mounted(stack, prog=f"{sys.executable} -m overlayfs_py -d", env=env)
+    mnt = wk.mp(m)
+    subprocess.run(["du", "-s", mnt], check=True, capture_output=True)
+
+    def forgotten():
+        return len(re.findall(r"\(\d+, \d+\)", "".join(
+            line for line in m.log().splitlines() if "-> forget(" in line)))
+    deadline = time.monotonic() + 10
+    while forgotten() < 4000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "trim: " in m.log()
+    assert forgotten() >= 4000, "the kernel did not forget the trimmed directories"
+    # trimmed directories are looked up and listed again, unchanged
+    out = subprocess.run(["find", mnt, "-type", "f"], check=True, capture_output=True).stdout
+    assert len(out.splitlines()) == 6001
+    assert wk.read_file(os.path.join(mnt, "d0/f7")) == b"7\n"
+    with open(os.path.join(mnt, "d0/f7"), "a") as f:
+        f.write("more\n")
+    assert wk.read_file(os.path.join(stack.upper, "d0/f7")) == b"7\nmore\n"
+    assert wk.read_file(os.path.join(mnt, "d0/low")) == b"low\n"
