@@ -117,8 +117,10 @@ def main() -> None:
         apply_edits(src)
         print(f"vendor/pyfuse3: building pyfuse3 {VERSION} with overlayfs-py patch "
               f"level {PATCH_LEVEL} (about a minute)", flush=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--force-reinstall",
-                        "--no-deps", str(src)], check=True)
+        # replace a stock pyfuse3 of the same version; pip resolves its dependency (trio)
+        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "pyfuse3"],
+                       check=False, capture_output=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", str(src)], check=True)
     level = installed_level(python)
     if level < PATCH_LEVEL:
         sys.exit(f"vendor/pyfuse3: installed pyfuse3 reports patch level {level}")
