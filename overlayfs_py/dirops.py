@@ -104,10 +104,15 @@ class Namespace:
         nothing now (unlink, rmdir); otherwise the caller refreshes it (rename)."""
         if gone:
             self.ov.name_removed(parent, name)
+        last_attr = node.attr
         self.ov.changed(node)
         node.remove_path(parent, name)
         if not node.paths:
             node.unlinked = True
+            if last_attr is not None and not node.is_dir:
+                # what the kernel's late SETATTR (writeback of times at close) gets back
+                last_attr.st_nlink = 0
+                node.attr = last_attr
             if node.is_dir:
                 self.ov.drop_fds(node)
                 node.index = node.listing = node.kids = None

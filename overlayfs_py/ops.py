@@ -215,6 +215,10 @@ class Operations(pyfuse3.Operations):
         """A removed file that is still open: change it through an open descriptor."""
         if h is None or not h.writable:
             h = next((x for x in node.handles or () if x.writable), None)
+        if h is None and node.layer == UPPER and not fields.update_size:
+            # an fd opened for reading is enough for fchmod/fchown/futimens, and an upper
+            # file is ours to change (a lower one never is)
+            h = next(iter(node.handles or ()), None)
         if h is None:
             # Only read-only handles on a lower file that is gone from the view: the kernel's
             # writeback cache still flushes its time stamps here. Failing would turn the

@@ -963,6 +963,25 @@ def test_unlink_of_lower_hardlink_alias(ovl):
     assert o.upper_names() == ["h"]
 
 
+def test_fchmod_through_a_read_only_fd_of_a_deleted_upper_file(ovl):
+    """fchmod/fchown/futimens need no write access to the fd: they work on an open file
+    after its name is gone, as on a local filesystem (sed -i's temp file pattern)."""
+    o = ovl({"d/keep": "k"})
+    with open(o.p("d/f"), "w") as f:
+        f.write("x")
+    fd = os.open(o.p("d/f"), os.O_RDONLY)
+    try:
+        os.unlink(o.p("d/f"))
+        os.fchmod(fd, 0o600)
+        os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+        st = os.fstat(fd)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime_ns == 2_000_000_000
+        assert st.st_nlink == 0
+    finally:
+        os.close(fd)
+    assert not os.path.lexists(o.u("d/f"))
+
+
 def test_rename_of_lower_hardlink_alias_copies_that_name(ovl):
     """mv of the second-looked-up name of a lower hard link copies up that name (not the
     first one the kernel saw) and whites it out: the upper layer is the kernel's."""
