@@ -57,6 +57,8 @@ Caching options:
   timeout=SECONDS  kernel entry/attribute cache timeout (default 86400)
   writeback=0|1    FUSE writeback cache (default 1)
   keep_cache=0|1   keep page cache of unchanged files across opens (default 1)
+  max_nodes=N      past N nodes, have the kernel forget unused files, bounding the
+                   daemon's memory (default 0 = never; see README for the trade-offs)
 FUSE / mount options:
   allow_other, allow_root, default_permissions, fsname=NAME, subtype=NAME,
   rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, async, dirsync
@@ -95,6 +97,7 @@ class Config:
     metacopy: bool = False
     userxattr: bool = False              # use user.overlay.* instead of trusted.overlay.*
     timeout: float = 86400.0             # entry/attr cache timeout, seconds
+    max_nodes: int = 0                   # node table size that starts trimming; 0 = off
     writeback: bool = True               # FUSE writeback cache
     keep_cache: bool = True              # keep page cache across opens of unchanged files
     extra_fuse_options: Tuple[str, ...] = field(default_factory=tuple)  # dev,suid,noatime...
@@ -295,6 +298,7 @@ ACCEPTED_OPTIONS = tuple(sorted(
     set(_FUSE_FLAGS) | _IGNORED_FLAGS | {f"{k}=" for k in _IGNORED_KEYS} | {
         "lowerdir=", "upperdir=", "workdir=", "volatile", "fsync=", "userxattr", "metacopy=",
         "redirect_dir=", "index=", "xino=", "timeout=", "writeback=", "keep_cache=",
+        "max_nodes=",
         "uidmapping=", "gidmapping=", "allow_other", "allow_root", "default_permissions",
         "fsname=", "subtype=", "x-*",
     }))
@@ -441,6 +445,11 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
             kw["xino"] = value
         elif key == "timeout":
             kw["timeout"] = _parse_timeout(value)
+        elif key == "max_nodes":
+            if value is None or not value.isdigit():
+                raise ConfigError(f"bad value for mount option max_nodes: {_show(value)} "
+                                  "(expected a whole number >= 0)")
+            kw["max_nodes"] = int(value)
         elif key == "writeback":
             kw["writeback"] = _bool01(key, value)
         elif key == "keep_cache":

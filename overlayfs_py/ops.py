@@ -23,7 +23,7 @@ from .dirops import Namespace
 from .handles import HandleTable
 from .readdir import FIRST_NAME_OFFSET, Listing
 from .inodes import ROOT_INODE, Node
-from .overlay import MAX_NODES, UPPER, Overlay, fuse_error
+from .overlay import UPPER, Overlay, fuse_error
 
 log = logging.getLogger("overlayfs_py")
 
@@ -87,7 +87,8 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = bool(config.writeback and self.writable)
         self.handles = HandleTable()
         self.init_done = False
-        self.max_nodes = MAX_NODES
+        # past this many nodes (about 1.2 KiB each) trim_nodes has the kernel forget some
+        self.max_nodes = config.max_nodes
         if self.writable:
             self.cu = CopyUp(ov, work, fsync=config.fsync, metacopy=config.metacopy)
             self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
@@ -97,10 +98,13 @@ class Operations(pyfuse3.Operations):
         self.init_done = True
 
     async def trim_nodes(self) -> None:
-        """Keep the node table near MAX_NODES on trees bigger than that: ask the kernel to
-        forget the least recently listed directories (Overlay.trim_candidates). FORGETs
+        """Keep the node table near ``max_nodes`` on trees bigger than that: ask the kernel
+        to forget unused files of the least recently listed directories
+        (Overlay.trim_candidates). FORGETs
         arrive later, so wait before looking again, and back off while they do not come
         (e.g. the kernel has that many files open)."""
+        if not self.max_nodes:
+            return
         pause = TRIM_INTERVAL
         while True:
             await trio.sleep(pause)

@@ -26,9 +26,6 @@ from .readdir import Listing
 log = logging.getLogger("overlayfs_py")
 
 FD_CACHE_SIZE = 4096
-# Nodes the daemon keeps before it asks the kernel to forget the least recently used
-# directories (see trim_candidates): about 1.2 KiB each, so ~120 MiB at the limit.
-MAX_NODES = int(os.environ.get("OVERLAYFS_PY_MAX_NODES") or 100_000)
 UPPER = 0                  # index of the upper layer when the mount is writable
 
 
@@ -290,20 +287,24 @@ class Overlay:
 
         The kernel holds a reference to every node it has a dentry for, and on a big tree
         it keeps them all (there is no memory pressure to make it let go), so the daemon's
-        table would grow without bound. Invalidating the dentry of a directory makes the
-        kernel prune the unused part of its subtree and send FORGET for those inodes. We
-        pick the directories whose listings were used least recently, drop their cached
-        listings at once, and count each as freeing itself and its known children."""
+        table would grow without bound. Invalidating the dentry of an unused file makes the
+        kernel drop it and its inode at once, and send FORGET. Only files, and only those
+        with no open handle: invalidating a directory would also cut it loose from a process
+        that has it as its working directory (getcwd fails with ENOENT). Directories whose
+        listings were used least recently go first; they lose their cached listings too."""
         out: List[Tuple[int, bytes]] = []
         lru = self.dir_lru
-        freed = 0
-        while freed < excess and lru:
+        while len(out) < excess and lru:
             ino, node = lru.popitem(last=False)
-            if ino == ROOT_INODE or node.unlinked or not node.paths:
+            node.index = node.listing = None
+            kids = node.kids
+            if not kids:
                 continue
-            freed += 1 + len(node.kids or ())
-            node.index = node.listing = node.kids = None
-            out.extend((parent.ino, name) for parent, name in node.paths)
+            for name, child in list(kids.items()):
+                if child.is_dir or child.handles:
+                    continue
+                del kids[name]
+                out.append((ino, name))
         return out
 
     def _cut_dir_layers(self, parent: Node, name: bytes, occ):

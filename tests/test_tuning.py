@@ -42,7 +42,7 @@ def test_read_ahead_is_raised_after_init(make_layers, mounted):
 
 
 def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
-    """Past OVERLAYFS_PY_MAX_NODES the daemon asks the kernel to forget the least recently
+    """Past max_nodes the daemon asks the kernel to forget unused files of the least recently
     listed directories, and the kernel does (FORGET); everything stays correct after."""
     fuse_only("counts the daemon's requests")
     if wk.is_fuse_overlayfs():
@@ -52,9 +52,15 @@ def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
     import sys
     spec = {f"d{i // 40}/f{i}": f"{i}\n" for i in range(6000)}
     stack = make_layers(spec, {"d0/low": "low\n"}, upper=True)
-    env = dict(os.environ, OVERLAYFS_PY_MAX_NODES="1000")
-    m = mounted(stack, prog=f"{sys.executable} -m overlayfs_py -d", env=env)
+    m = mounted(stack, options=("max_nodes=1000",), prog=f"{sys.executable} -m overlayfs_py -d")
     mnt = wk.mp(m)
+    # a process whose working directory is in the tree must keep it through the trimming
+    cwd = os.path.join(mnt, "d0")
+    sitter = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; os.chdir(sys.argv[1]); time.sleep(3); "
+         "print(os.getcwd()); print(sorted(os.listdir('.'))[:2])", cwd],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
     subprocess.run(["du", "-s", mnt], check=True, capture_output=True)
 
     def forgotten():
@@ -64,6 +70,9 @@ def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
     while forgotten() < 4000 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "trim: " in m.log()
+    out, err = sitter.communicate(timeout=20)
+    assert sitter.returncode == 0, err
+    assert out.splitlines() == [cwd, "['f0', 'f1']"]
     assert forgotten() >= 4000, "the kernel did not forget the trimmed directories"
     # trimmed directories are looked up and listed again, unchanged
     out = subprocess.run(["find", mnt, "-type", "f"], check=True, capture_output=True).stdout
