@@ -114,9 +114,7 @@ class Namespace:
                 last_attr.st_nlink = 0
                 node.attr = last_attr
             if node.is_dir:
-                self.ov.drop_fds(node)
-                node.index = node.listing = node.kids = None
-                self.ov.dir_lru.pop(node.ino, None)
+                self.ov.drop_dir_state(node)
             if not (upper_st is not None and upper_st.st_nlink > 1 and not node.is_dir):
                 self.ov.table.drop_key(node)
 

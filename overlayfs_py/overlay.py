@@ -70,8 +70,10 @@ class Overlay:
         self.pending_invalidations: List[Tuple[int, bytes]] = []
         self.entry_timeout = config.timeout
         self.attr_timeout = config.timeout
-        # directories by last use of their listing, oldest first (trim_candidates)
-        self.dir_lru: "OrderedDict[int, Node]" = OrderedDict()
+        # directories by last use of their listing, oldest first (trim_candidates); kept
+        # only when trimming is on (max_nodes), as it costs every lookup a little
+        self.dir_lru: "Optional[OrderedDict[int, Node]]" = \
+            OrderedDict() if config.max_nodes else None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -136,16 +138,17 @@ class Overlay:
             idx = node.index = lookup.merge_listings(listings)
             node.listing = None
         lru = self.dir_lru
-        if node.ino in lru:
-            lru.move_to_end(node.ino)
-        else:
-            lru[node.ino] = node
+        if lru is not None:
+            if node.ino in lru:
+                lru.move_to_end(node.ino)
+            else:
+                lru[node.ino] = node
         return idx
 
     def listing(self, node: Node) -> Listing:
         """The merged names of a directory in readdir order, kept until a name changes."""
         lst = node.listing
-        if lst is None or node.index is None:
+        if lst is None:            # every place that drops node.index drops this too
             lst = node.listing = Listing(self.index(node).keys())
         return lst
 
@@ -278,8 +281,13 @@ class Overlay:
             if parent.kids is not None and parent.kids.get(name) is node:
                 del parent.kids[name]
         if node.is_dir:
-            self.drop_fds(node)
-            node.index = node.listing = node.kids = None
+            self.drop_dir_state(node)
+
+    def drop_dir_state(self, node: Node) -> None:
+        """A directory the kernel forgot, or that is gone: drop its fds and caches."""
+        self.drop_fds(node)
+        node.index = node.listing = node.kids = None
+        if self.dir_lru is not None:
             self.dir_lru.pop(node.ino, None)
 
     def trim_candidates(self, excess: int) -> List[Tuple[int, bytes]]:
@@ -294,6 +302,8 @@ class Overlay:
         listings were used least recently go first; they lose their cached listings too."""
         out: List[Tuple[int, bytes]] = []
         lru = self.dir_lru
+        if lru is None:
+            return out
         while len(out) < excess and lru:
             ino, node = lru.popitem(last=False)
             node.index = node.listing = None
