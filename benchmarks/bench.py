@@ -952,10 +952,7 @@ class Bench:
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as e:       # one failed cell must not stop the bench
-                        err = f"{type(e).__name__}: {e}"
-                        if self.timed_out:
-                            err = f"timed out after {self.args.cell_timeout:.0f} s, daemon " \
-                                  f"killed; then {err}"
+                        err = self._cell_error(e)
                         if not isinstance(e, (MountError, subprocess.CalledProcessError)):
                             fr = traceback.extract_tb(e.__traceback__)[-1]
                             err += f" (at {os.path.basename(fr.filename)}:{fr.lineno})"
@@ -995,6 +992,13 @@ class Bench:
             raise RuntimeError(f"{shlex.join(cmd)} exited {r.returncode}: "
                                f"{r.stderr.decode(errors='replace').strip()[-300:]}")
         return dt, r.stdout.decode(errors="replace")
+
+    def _cell_error(self, e: Exception) -> str:
+        """How a failed cell is recorded; says so when the watchdog killed the daemon."""
+        err = f"{type(e).__name__}: {e}"
+        if self.timed_out:
+            err = f"timed out after {self.args.cell_timeout:.0f} s, daemon killed; then {err}"
+        return err
 
     def wl_mount(self, t: Target) -> dict:
         if t.kind == "plain":
@@ -1058,9 +1062,7 @@ class Bench:
                 raise
             except Exception as e:
                 # one depth failing (e.g. too many layers) must not hide the others
-                err = f"{type(e).__name__}: {e}"
-                if self.timed_out:
-                    err = f"timed out after {self.args.cell_timeout:.0f} s, daemon killed; then {err}"
+                err = self._cell_error(e)
                 for n in (cold, warm):
                     self.record_error(n, t.name, err)
                 log(f"stat {depth} layers {t.name}: FAILED {e}")
@@ -1218,9 +1220,7 @@ class Bench:
                 raise
             except Exception as e:
                 # one operation failing must not hide the others
-                err = f"{type(e).__name__}: {e}"
-                if self.timed_out:
-                    err = f"timed out after {self.args.cell_timeout:.0f} s, daemon killed; then {err}"
+                err = self._cell_error(e)
                 self.record_error(name, t.name, err)
                 log(f"metacopy {op} {t.name}: FAILED {err[:300]}")
         return out

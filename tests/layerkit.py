@@ -388,7 +388,7 @@ def _xattrs(path: str, keep) -> Dict[str, str]:
     return out
 
 
-def _file_hash(path: str) -> str:
+def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -425,7 +425,7 @@ def snapshot(root: Union[str, os.PathLike], *, nlink: bool = True, times: bool =
         }
         if fmt == stat.S_IFREG:
             e["size"] = st.st_size
-            e["sha256"] = _file_hash(full)
+            e["sha256"] = file_sha256(full)
         elif fmt == stat.S_IFLNK:
             e["target"] = os.readlink(full)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):

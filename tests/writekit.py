@@ -207,6 +207,16 @@ class Hang(AssertionError):
     pass
 
 
+def abort_fuse_conn(conn) -> None:
+    """Abort a FUSE connection (its /sys/fs/fuse/connections/N dir): every pending and
+    later request fails with ENOTCONN. Best effort: it may be gone already."""
+    try:
+        with open(os.path.join(conn, "abort"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def hang_guard(conn, seconds, what="operation"):
     """Fail (instead of blocking the test run forever) when the FUSE daemon does not answer:
@@ -216,11 +226,7 @@ def hang_guard(conn, seconds, what="operation"):
 
     def fire():
         fired.append(time.monotonic())
-        try:
-            with open(os.path.join(conn, "abort"), "w") as f:
-                f.write("1")
-        except OSError:
-            pass
+        abort_fuse_conn(conn)
 
     t = threading.Timer(seconds, fire)
     t.daemon = True
@@ -390,11 +396,7 @@ def watchdog(path, seconds, what="test"):
     def fire():
         fired.append(True)
         for conn in fuse_conns_under(path):
-            try:
-                with open(os.path.join(conn, "abort"), "w") as f:
-                    f.write("1")
-            except OSError:
-                pass
+            abort_fuse_conn(conn)
 
     t = threading.Timer(seconds, fire)
     t.daemon = True

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import fcntl
 import glob
-import hashlib
 import json
 import os
 import re
@@ -150,14 +149,6 @@ def _mirror_reachable(mirror: str) -> Optional[str]:
     return None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclasses.dataclass
 class Rootfs:
     tar: Path
@@ -186,7 +177,7 @@ def ensure_rootfs() -> Rootfs:
         st = ROOTFS_TAR.stat()
         if meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns:
             meta.update(size=st.st_size, mtime_ns=st.st_mtime_ns,
-                        sha256=_sha256_file(ROOTFS_TAR))
+                        sha256=layerkit.file_sha256(ROOTFS_TAR))
             meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return Rootfs(ROOTFS_TAR, meta["sha256"], built, time.monotonic() - t0)
 
