@@ -40,6 +40,7 @@ class Namespace:
         self.cu = cu
         self.opaque_xattr = "user.overlay.opaque" if userxattr else "trusted.overlay.opaque"
         self.can_mknod = True
+        self._wh_template: Optional[bytes] = None
 
     # ------------------------------------------------------------------ helpers
     def resolve(self, parent: Node, name: bytes) -> Tuple[tuple, Node]:
@@ -58,34 +59,76 @@ class Namespace:
         if len(name) > 255:
             raise _err(errno.ENAMETOOLONG)
 
-    def _new_whiteout(self) -> Optional[bytes]:
-        """A fresh whiteout in the workdir, or None if mknod is not permitted here."""
-        if not self.can_mknod:
-            return None
-        tmp = self.work.temp_name()
-        try:
-            os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=self.work.fd)
-        except PermissionError:
-            log.warning("mknod of whiteouts not permitted: falling back to .wh. files")
-            self.can_mknod = False
-            return None
-        return tmp
+    def _whiteout_template(self) -> Optional[bytes]:
+        """The workdir's shared whiteout, made on first use; None if mknod is refused.
+
+        One 0/0 device per mount, hard-linked for every whiteout, as the kernel does since 5.8
+        (``ovl_whiteout``): a link costs ~12 us here against 50-550 us for ext4 to allocate a
+        device inode, and deleting lower files is mostly that."""
+        if self._wh_template is None and self.can_mknod:
+            tmp = self.work.temp_name()
+            try:
+                os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=self.work.fd)
+            except PermissionError:
+                log.warning("mknod of whiteouts not permitted: falling back to .wh. files")
+                self.can_mknod = False
+                return None
+            self._wh_template = tmp
+        return self._wh_template
+
+    def _link_whiteout(self, dir_fd: int, name: bytes) -> bool:
+        """Hard-link the shared whiteout as ``dir_fd/name`` (which must not exist). False if
+        whiteouts cannot be made here. A template at its link limit (EMLINK) is replaced."""
+        for _ in range(2):
+            tmpl = self._whiteout_template()
+            if tmpl is None:
+                return False
+            try:
+                os.link(tmpl, name, src_dir_fd=self.work.fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EMLINK, errno.ENOENT):
+                    raise
+                # full, or removed under us: start a new one; the old links stay valid
+                self._drop_whiteout_template()
+        raise _err(errno.EMLINK)
+
+    def _drop_whiteout_template(self) -> None:
+        if self._wh_template is not None:
+            try:
+                os.unlink(self._wh_template, dir_fd=self.work.fd)
+            except FileNotFoundError:
+                pass
+            self._wh_template = None
+
+    def close(self) -> None:
+        """At unmount: the template is a workdir temporary like any other."""
+        if self.work is not None:
+            self._drop_whiteout_template()
 
     def whiteout(self, parent_fd: int, name: bytes, existing: Optional[os.stat_result]) -> None:
-        """Replace ``name`` in the upper dir (absent, non-dir or dir) by a whiteout, atomically."""
-        tmp = self._new_whiteout()
-        if tmp is None:
-            fd = os.open(whiteout.WH_PREFIX + name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC,
-                         0o700, dir_fd=parent_fd)
-            os.close(fd)
-            if existing is not None:
-                self._discard_upper(parent_fd, name, existing)
-            return
-        if existing is not None and stat.S_ISDIR(existing.st_mode):
-            renameat2(self.work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
-            remove_tree_at(self.work.fd, tmp)
+        """Replace ``name`` in the upper dir (absent, non-dir or dir) by a whiteout, atomically.
+
+        With nothing in the way the link lands in place in one step; otherwise it is made in
+        the workdir and renamed (or exchanged, for a directory) over the old entry."""
+        if existing is None:
+            if self._link_whiteout(parent_fd, name):
+                return
         else:
-            os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+            tmp = self.work.temp_name()
+            if self._link_whiteout(self.work.fd, tmp):
+                if stat.S_ISDIR(existing.st_mode):
+                    renameat2(self.work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+                    remove_tree_at(self.work.fd, tmp)
+                else:
+                    os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+                return
+        fd = os.open(whiteout.WH_PREFIX + name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC,
+                     0o700, dir_fd=parent_fd)
+        os.close(fd)
+        if existing is not None:
+            self._discard_upper(parent_fd, name, existing)
 
     def _discard_upper(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
         if stat.S_ISDIR(st.st_mode):

@@ -125,6 +125,8 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
             trio.run(_serve, ops, config.mountpoint)
         finally:
             ops.handles.close_all()
+            if ops.writable:
+                ops.ns.close()
             pyfuse3.close(unmount=True)
     finally:
         ov.close()

@@ -265,6 +265,24 @@ def test_unlink_lower_file_leaves_whiteout(ovl):
     assert err(os.unlink, o.p("d/a")) == "ENOENT"
 
 
+def test_whiteouts_share_one_inode_as_the_kernels_do(ovl):
+    """Since Linux 5.8 the kernel hard-links one workdir whiteout for every new one; so do we
+    (mknod of a device costs ext4 50-550 us, a link ~12 us). Whiteouts over nothing, over an
+    upper file (copied up) and over a directory must all be links of one 0/0 device."""
+    o = ovl(BASE)
+    with open(o.p("g"), "ab") as fh:       # an upper copy to replace
+        fh.write(b"x")
+    for rel in ("f", "d/a", "d/sub/b", "g", "ln", "fifo"):
+        os.unlink(o.p(rel))
+    os.rmdir(o.p("empty"))
+    names = ["f", "d/a", "d/sub/b", "g", "ln", "fifo", "empty"]
+    sts = [os.lstat(o.u(rel)) for rel in names]
+    assert all(is_whiteout(o.u(rel)) for rel in names)
+    assert len({(st.st_dev, st.st_ino) for st in sts}) == 1, "whiteouts are separate inodes"
+    assert sts[0].st_nlink >= len(names)
+    assert sorted(os.listdir(o.p("d"))) == ["sub"] and os.listdir(o.p("d/sub")) == []
+
+
 def test_unlink_upper_only_file_leaves_nothing(ovl):
     o = ovl(BASE)
     wk.write_file(o.p("d/new"), b"x")
