@@ -82,3 +82,59 @@ def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
         f.write("more\n")
     assert wk.read_file(os.path.join(stack.upper, "d0/f7")) == b"7\nmore\n"
     assert wk.read_file(os.path.join(mnt, "d0/low")) == b"low\n"
+
+
+def _main_thread_syscall(pid: int) -> int:
+    """Number of the system call the daemon's main thread is blocked in (-1: running)."""
+    with open(f"/proc/{pid}/syscall") as f:
+        first = f.read().split()[0]
+    return -1 if first == "running" else int(first)
+
+
+def _patched_pyfuse3() -> None:
+    fuse_only("the daemon's request loop")
+    if wk.is_fuse_overlayfs():
+        pytest.skip("overlayfs-py's request loop")
+    import pyfuse3
+    if getattr(pyfuse3, "OVERLAYFS_PY_PATCH", 0) < 2:
+        pytest.skip("stock pyfuse3: no direct-read request loop (vendor/pyfuse3)")
+
+
+def test_idle_daemon_waits_in_poll_not_in_trio(make_layers, mounted):
+    """With nothing else pending, the worker waits for the next request in poll(2) with the
+    GIL released (vendor/pyfuse3, patch 3), not in trio's epoll loop: two scheduler passes
+    and an epoll round trip less per request."""
+    _patched_pyfuse3()
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip("system call numbers of x86_64")
+    POLL, EPOLL_WAIT, EPOLL_PWAIT = 7, 232, 281
+    m = mounted(make_layers({f"d/f{i}": "x" for i in range(50)}))
+    for name in os.listdir(os.path.join(wk.mp(m), "d")):
+        os.stat(os.path.join(wk.mp(m), "d", name))
+    seen = set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        nr = _main_thread_syscall(m.pid)
+        seen.add(nr)
+        if nr == POLL:
+            break
+        time.sleep(0.05)
+    assert POLL in seen, f"idle daemon's main thread in syscalls {sorted(seen)}, not poll " \
+                         f"(epoll_wait={EPOLL_WAIT}, epoll_pwait={EPOLL_PWAIT})"
+
+
+def test_signal_ends_a_daemon_idling_in_poll(make_layers, mounted):
+    """SIGTERM interrupts the poll (EINTR); trio's signal handler must then run and unmount,
+    and the daemon must exit 0 -- not sit in poll until the next request."""
+    _patched_pyfuse3()
+    import signal
+    m = mounted(make_layers({"f": "x"}))
+    os.stat(os.path.join(wk.mp(m), "f"))
+    time.sleep(0.2)                                   # let it settle in its idle wait
+    os.kill(m.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while m.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert m.proc.returncode == 0, f"daemon still running or failed: {m.proc.returncode}"
+    assert not os.path.ismount(wk.mp(m))

@@ -18,6 +18,15 @@ The patch set (``pyfuse3.OVERLAYFS_PY_PATCH`` = its level):
 2. ``Operations.enable_dont_mask = True`` asks for ``FUSE_CAP_DONT_MASK``: the kernel stops
    applying the umask to create/mkdir/mknod and passes it in ``ctx.umask`` instead, so the
    daemon can let a parent's default ACL decide the mode as a local filesystem does.
+3. A worker that has nothing else to wait for reads the next request directly: the FUSE fd is
+   non-blocking, and when no other request is in flight and no trio task is runnable or has
+   a deadline, the worker waits in ``poll(2)`` with the GIL released instead of going
+   through ``trio.Lock`` + ``wait_readable`` (an epoll round trip and two scheduler passes
+   per request). Measured: the first ``git status`` of a 10k-file repository went from
+   622-661 ms to 381-466 ms (fuse-overlayfs: 330-383 ms). Anything else that could need
+   trio (a handler awaiting a thread, a timer, a signal: poll returns EINTR) sends the
+   worker back to the stock path. Spurious wakeups there are harmless: a read that finds
+   nothing returns EAGAIN and the worker waits again.
 
 Usage: build.py PYTHON   (installs into that interpreter's environment; no-op when the
 installed pyfuse3 already carries this patch level).
@@ -33,7 +42,7 @@ from pathlib import Path
 
 VERSION = "3.5.0"
 SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
-PATCH_LEVEL = 1
+PATCH_LEVEL = 2
 
 EDITS = {
     "src/pyfuse3/handlers.pxi": [
@@ -66,7 +75,71 @@ EDITS = {
         conn.want |= FUSE_CAP_DONT_MASK
 """),
     ],
+    "src/pyfuse3/internal.pxi": [
+        # 3. read directly when nothing else can be pending
+        ("""        if not await _wait_fuse_readable():
+            break
+
+        res = fuse_session_receive_buf(session, &buf)
+""",
+         """        if _may_block():    # overlayfs-py: see _may_block
+            res = fuse_session_receive_buf(session, &buf)
+            if res == -errno.EAGAIN:
+                with nogil:
+                    res = _poll_in(session_fd)
+                if res < 0:      # EINTR: a signal; let trio's handler run first
+                    await trio.lowlevel.checkpoint()
+                continue
+        else:
+            if not await _wait_fuse_readable():
+                break
+            res = fuse_session_receive_buf(session, &buf)
+            if res == -errno.EAGAIN:
+                continue         # another worker took it
+"""),
+        ("""@async_wrapper
+async def _session_loop(""",
+         """cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef int _poll_in(int fd) noexcept nogil:
+    cdef pollfd p
+    p.fd = fd
+    p.events = POLLIN
+    p.revents = 0
+    return poll(&p, 1, -1)
+
+cdef double _INF = float('inf')
+
+cdef bint _may_block():
+    \"\"\"overlayfs-py: True if nothing but the next request can need this thread: no other
+    worker is busy with a request, and no trio task is runnable, has a deadline, or has a
+    thread result to collect.\"\"\"
+    if worker_data.task_count - worker_data.active_readers != 1:
+        return False
+    stats = trio.lowlevel.current_statistics()
+    return (stats.tasks_runnable == 0 and stats.run_sync_soon_queue_size == 0
+            and stats.seconds_to_next_deadline == _INF)
+
+@async_wrapper
+async def _session_loop("""),
+    ],
     "src/pyfuse3/__init__.pyx": [
+        # 3. the FUSE fd is non-blocking (see _session_loop)
+        ("""    session_fd = fuse_session_fd(session)
+
+
+@async_wrapper""",
+         """    session_fd = fuse_session_fd(session)
+    os.set_blocking(session_fd, False)    # overlayfs-py: see _may_block
+
+
+@async_wrapper"""),
         ("""ROOT_INODE = FUSE_ROOT_ID
 """,
          f"""ROOT_INODE = FUSE_ROOT_ID
