@@ -27,10 +27,29 @@ from .overlay import UPPER, Overlay, fuse_error
 
 log = logging.getLogger("overlayfs_py")
 
-BIG_IO = 128 * 1024
+BIG_IO = 128 * 1024        # reads/writes at least this large go to a worker thread
 TRIM_INTERVAL = 0.25       # seconds between checks of the node table's size (trim_nodes)
 # requests during which the kernel holds no directory lock: they may wait for invalidations
-_NO_DIR_LOCK = frozenset(("open", "setattr", "setxattr", "removexattr"))           # reads/writes at least this large go to a worker thread
+_NO_DIR_LOCK = frozenset(("open", "setattr", "setxattr", "removexattr"))
+READ_AHEAD_KB = 2048
+
+
+def tune_readahead(mountpoint: str) -> None:
+    """A larger bdi read-ahead gives 1 MiB read requests and several of them in flight.
+
+    Only after INIT: the kernel sends INIT at mount time with the read-ahead it had then
+    (128 KiB), and sets the bdi to the smaller of its current value and the reply's. And before
+    the first request after INIT is answered: a file keeps the read-ahead of its open (a
+    mount tuned 5 ms late read in 128 KiB requests, at a third of the speed)."""
+    # Not os.stat(mountpoint): that would wait for a request nobody serves yet.
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.debug("read_ahead_kb not set: %s", e)
 
 
 def handler(fn):
@@ -41,6 +60,9 @@ def handler(fn):
         debug = self.debug
         if debug:
             log.debug("-> %s%r", name, args[:3])
+        if self.tune_pending:            # the first request after INIT
+            self.tune_pending = False
+            tune_readahead(self.config.mountpoint)
         try:
             result = await fn(self, *args)
         except pyfuse3.FUSEError as e:
@@ -86,7 +108,7 @@ class Operations(pyfuse3.Operations):
         self.writable = ov.writable
         self.enable_writeback_cache = bool(config.writeback and self.writable)
         self.handles = HandleTable()
-        self.init_done = False
+        self.tune_pending = False
         # past this many nodes (about 1.2 KiB each) trim_nodes has the kernel forget some
         self.max_nodes = config.max_nodes
         if self.writable:
@@ -94,8 +116,9 @@ class Operations(pyfuse3.Operations):
             self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
 
     def init(self):
-        # called while pyfuse3 handles INIT, just before it replies (see session)
-        self.init_done = True
+        # called while pyfuse3 handles INIT, just before it replies: the bdi is tuned at
+        # the next request, once the kernel has taken the reply (tune_readahead)
+        self.tune_pending = True
 
     async def trim_nodes(self) -> None:
         """Keep the node table near ``max_nodes`` on trees bigger than that: ask the kernel
@@ -339,9 +362,23 @@ class Operations(pyfuse3.Operations):
     @handler
     async def read(self, fh, off, size):
         h = self.handles.files[fh]
-        if size >= BIG_IO:
-            return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
-        return os.pread(h.fd, size, off)
+        if size < BIG_IO:
+            return os.pread(h.fd, size, off)
+        # What the host page cache holds is copied here and now (RWF_NOWAIT never blocks):
+        # a hand-off to a worker thread costs more than copying a cached MiB. Only the part
+        # that has to wait for the disk goes to a thread.
+        buf = bytearray(size)
+        try:
+            n = os.preadv(h.fd, (buf,), off, os.RWF_NOWAIT)
+        except (BlockingIOError, OSError) as e:
+            if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n < size:
+            rest = await trio.to_thread.run_sync(os.pread, h.fd, size - n, off + n)
+            buf[n:n + len(rest)] = rest
+            n += len(rest)
+        return memoryview(buf)[:n]
 
     @handler
     async def write(self, fh, off, buf):

@@ -23,7 +23,6 @@ from .overlay import Overlay
 log = logging.getLogger("overlayfs_py")
 
 MIN_TASKS, MAX_TASKS = 4, 64
-READ_AHEAD_KB = 2048
 
 
 class MountError(Exception):
@@ -63,30 +62,8 @@ def fuse_options(config: Config) -> set:
     return opts
 
 
-def _tune_readahead(mountpoint: str) -> None:
-    """A larger bdi read-ahead gives 1 MiB read requests and several of them in flight.
-
-    Only after INIT: the kernel sends INIT at mount time with the read-ahead it had then
-    (128 KiB), and sets the bdi to the smaller of its current value and the reply's."""
-    # Not os.stat(mountpoint): that would wait for a request nobody serves yet.
-    try:
-        with open("/proc/self/mountinfo") as f:
-            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
-        if devs:
-            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
-                f.write(str(READ_AHEAD_KB))
-    except OSError as e:
-        log.debug("read_ahead_kb not set: %s", e)
-
-
 async def _serve(ops: Operations, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
-        async def tune_after_init():
-            while not ops.init_done:         # set by INIT; the reply follows at once
-                await trio.sleep(0.005)
-            await trio.sleep(0)
-            _tune_readahead(mountpoint)
-        nursery.start_soon(tune_after_init)
         nursery.start_soon(ops.trim_nodes)
         async def on_signals():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
