@@ -17,10 +17,11 @@ from .readdir import Listing
 
 
 class FileHandle:
-    __slots__ = ("fh", "fd", "node", "flags", "writable")
+    __slots__ = ("fh", "fd", "node", "flags", "writable", "nowait")
 
     def __init__(self, fh: int, fd: int, node: Node, flags: int, writable: bool):
         self.fh, self.fd, self.node, self.flags, self.writable = fh, fd, node, flags, writable
+        self.nowait = True          # the file's filesystem may take RWF_NOWAIT reads
 
     def reopen_after_copy_up(self, ov, parent: Node, name: bytes) -> None:
         if self.writable:
@@ -29,6 +30,7 @@ class FileHandle:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=ov.dirfd(parent, UPPER))
         old, self.fd = self.fd, fd
+        self.nowait = True
         os.close(old)
 
 

@@ -365,20 +365,26 @@ class Operations(pyfuse3.Operations):
         if size < BIG_IO:
             return os.pread(h.fd, size, off)
         # What the host page cache holds is copied here and now (RWF_NOWAIT never blocks):
-        # a hand-off to a worker thread costs more than copying a cached MiB. Only the part
-        # that has to wait for the disk goes to a thread.
-        buf = bytearray(size)
-        try:
-            n = os.preadv(h.fd, (buf,), off, os.RWF_NOWAIT)
-        except (BlockingIOError, OSError) as e:
-            if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
-                raise
-            n = 0
-        if n < size:
-            rest = await trio.to_thread.run_sync(os.pread, h.fd, size - n, off + n)
-            buf[n:n + len(rest)] = rest
-            n += len(rest)
-        return memoryview(buf)[:n]
+        # a hand-off to a worker thread costs more than copying a cached MiB. Only what has
+        # to wait for the disk goes to a thread (whole, when nothing was cached: no copy).
+        if h.nowait:
+            buf = bytearray(size)
+            try:
+                n = os.preadv(h.fd, (buf,), off, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:          # e.g. tmpfs: never ask again
+                    h.nowait = False
+                elif e.errno != errno.EAGAIN:
+                    raise
+                n = 0
+            if n == size:
+                return buf
+            if n:
+                # partly cached: a short reply would tell the kernel the file ends here
+                rest = await trio.to_thread.run_sync(os.pread, h.fd, size - n, off + n)
+                buf[n:n + len(rest)] = rest
+                return memoryview(buf)[:n + len(rest)]
+        return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
 
     @handler
     async def write(self, fh, off, buf):
