@@ -79,7 +79,8 @@ class Namespace:
     def _link_whiteout(self, dir_fd: int, name: bytes) -> bool:
         """Hard-link the shared whiteout as ``dir_fd/name`` (which must not exist). False if
         whiteouts cannot be made here. A template at its link limit (EMLINK) is replaced."""
-        for _ in range(2):
+        retried = False
+        while True:
             tmpl = self._whiteout_template()
             if tmpl is None:
                 return False
@@ -88,11 +89,11 @@ class Namespace:
                         follow_symlinks=False)
                 return True
             except OSError as e:
-                if e.errno not in (errno.EMLINK, errno.ENOENT):
+                if retried or e.errno not in (errno.EMLINK, errno.ENOENT):
                     raise
-                # full, or removed under us: start a new one; the old links stay valid
-                self._drop_whiteout_template()
-        raise _err(errno.EMLINK)
+            # full, or removed under us: start a new one; the old links stay valid
+            self._drop_whiteout_template()
+            retried = True
 
     def _drop_whiteout_template(self) -> None:
         if self._wh_template is not None:
@@ -104,8 +105,7 @@ class Namespace:
 
     def close(self) -> None:
         """At unmount: the template is a workdir temporary like any other."""
-        if self.work is not None:
-            self._drop_whiteout_template()
+        self._drop_whiteout_template()
 
     def whiteout(self, parent_fd: int, name: bytes, existing: Optional[os.stat_result]) -> None:
         """Replace ``name`` in the upper dir (absent, non-dir or dir) by a whiteout, atomically.

@@ -62,7 +62,7 @@ def fuse_options(config: Config) -> set:
     return opts
 
 
-async def _serve(ops: Operations, mountpoint: str) -> None:
+async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.trim_nodes)
         async def on_signals():
@@ -99,7 +99,7 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
         try:
             if on_ready is not None:
                 on_ready()
-            trio.run(_serve, ops, config.mountpoint)
+            trio.run(_serve, ops)
         finally:
             ops.handles.close_all()
             if ops.writable:
