@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
 import pytest
 
+import writekit as wk
 from overlayfs_py.copyup import Workdir
 from overlayfs_py.dirops import Namespace
 
@@ -30,10 +30,6 @@ def ns(tmp_path):
     work.close()
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def test_whiteouts_over_nothing_a_file_and_a_dir_share_one_inode(ns):
     n, fd, root = ns
     (root / "upper/file").write_text("x")
@@ -42,8 +38,9 @@ def test_whiteouts_over_nothing_a_file_and_a_dir_share_one_inode(ns):
     n.whiteout(fd, b"new", None)
     n.whiteout(fd, b"file", os.lstat(root / "upper/file"))
     n.whiteout(fd, b"dir", os.lstat(root / "upper/dir"))
-    sts = [os.lstat(root / "upper" / name) for name in ("new", "file", "dir")]
-    assert all(_is_whiteout(st) for st in sts)
+    names = ("new", "file", "dir")
+    assert all(wk.is_whiteout(root / "upper" / name) for name in names)
+    sts = [os.lstat(root / "upper" / name) for name in names]
     assert len({st.st_ino for st in sts}) == 1
     # the workdir holds the template only: the replaced directory tree is gone
     assert len(os.listdir(root / "work/work")) == 1
@@ -66,8 +63,8 @@ def test_template_at_its_link_limit_is_replaced(ns, monkeypatch):
     monkeypatch.setattr(os, "link", full_once)
     n.whiteout(fd, b"b", None)
     monkeypatch.setattr(os, "link", real_link)
+    assert wk.is_whiteout(root / "upper/a") and wk.is_whiteout(root / "upper/b")
     a, b = os.lstat(root / "upper/a"), os.lstat(root / "upper/b")
-    assert _is_whiteout(a) and _is_whiteout(b)
     assert a.st_ino != b.st_ino
     left = os.listdir(root / "work/work")
     assert len(left) == 1 and os.lstat(root / "work/work" / left[0]).st_ino == b.st_ino
@@ -79,7 +76,7 @@ def test_template_removed_at_close(ns):
     assert len(os.listdir(root / "work/work")) == 1
     n.close()
     assert os.listdir(root / "work/work") == []
-    assert _is_whiteout(os.lstat(root / "upper/a"))
+    assert wk.is_whiteout(root / "upper/a")
 
 
 def test_other_link_errors_are_not_swallowed(ns, monkeypatch):
