@@ -59,6 +59,8 @@ Caching options:
   keep_cache=0|1   keep page cache of unchanged files across opens (default 1)
   max_nodes=N      past N nodes, have the kernel forget unused files, bounding the
                    daemon's memory (default 0 = never; see README for the trade-offs)
+  spin_us=N        after a reply, poll for the next request for up to N microseconds
+                   before sleeping (default 50; 0 = never; off on a single CPU)
 FUSE / mount options:
   allow_other, allow_root, default_permissions, fsname=NAME, subtype=NAME,
   rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, async, dirsync
@@ -98,6 +100,7 @@ class Config:
     userxattr: bool = False              # use user.overlay.* instead of trusted.overlay.*
     timeout: float = 86400.0             # entry/attr cache timeout, seconds
     max_nodes: int = 0                   # node table size that starts trimming; 0 = off
+    spin_us: int = 50                    # busy-poll for the next request; 0 = off
     writeback: bool = True               # FUSE writeback cache
     keep_cache: bool = True              # keep page cache across opens of unchanged files
     extra_fuse_options: Tuple[str, ...] = field(default_factory=tuple)  # dev,suid,noatime...
@@ -298,7 +301,7 @@ ACCEPTED_OPTIONS = tuple(sorted(
     set(_FUSE_FLAGS) | _IGNORED_FLAGS | {f"{k}=" for k in _IGNORED_KEYS} | {
         "lowerdir=", "upperdir=", "workdir=", "volatile", "fsync=", "userxattr", "metacopy=",
         "redirect_dir=", "index=", "xino=", "timeout=", "writeback=", "keep_cache=",
-        "max_nodes=",
+        "max_nodes=", "spin_us=",
         "uidmapping=", "gidmapping=", "allow_other", "allow_root", "default_permissions",
         "fsname=", "subtype=", "x-*",
     }))
@@ -445,11 +448,11 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
             kw["xino"] = value
         elif key == "timeout":
             kw["timeout"] = _parse_timeout(value)
-        elif key == "max_nodes":
+        elif key in ("max_nodes", "spin_us"):
             if value is None or not value.isdigit():
-                raise ConfigError(f"bad value for mount option max_nodes: {_show(value)} "
+                raise ConfigError(f"bad value for mount option {key}: {_show(value)} "
                                   "(expected a whole number >= 0)")
-            kw["max_nodes"] = int(value)
+            kw[key] = int(value)
         elif key == "writeback":
             kw["writeback"] = _bool01(key, value)
         elif key == "keep_cache":

@@ -333,10 +333,10 @@ def test_rw_without_upper_stays_read_only(d):
 def test_overlay_and_cache_options(d):
     cfg = parse_argv(["-o", f"{base(d)},userxattr,metacopy=on,redirect_dir=off,index=off,xino=auto,"
                       "timeout=2.5,writeback=0,keep_cache=0,allow_other,default_permissions,"
-                      "fsname=myfs,subtype=ovl,max_nodes=5000", d.m])
+                      "fsname=myfs,subtype=ovl,max_nodes=5000,spin_us=0", d.m])
     assert cfg.userxattr and cfg.metacopy and cfg.xino == "auto"
     assert cfg.timeout == 2.5 and not cfg.writeback and not cfg.keep_cache
-    assert cfg.max_nodes == 5000
+    assert cfg.max_nodes == 5000 and cfg.spin_us == 0
     assert cfg.allow_other and cfg.default_permissions and cfg.fsname == "myfs"
     assert "subtype=ovl" in cfg.extra_fuse_options
 
@@ -345,7 +345,7 @@ def test_defaults(d):
     cfg = parse_argv(["-o", base(d), d.m])
     dflt = Config(lowers=(), mountpoint="")
     for f in ("fsync", "volatile", "userxattr", "metacopy", "timeout", "writeback", "keep_cache",
-              "max_nodes", "allow_other", "default_permissions", "fsname", "xino", "uidmap", "gidmap"):
+              "max_nodes", "spin_us", "allow_other", "default_permissions", "fsname", "xino", "uidmap", "gidmap"):
         assert getattr(cfg, f) == getattr(dflt, f), f
     assert cfg.extra_fuse_options == ()
 
@@ -403,6 +403,8 @@ def test_500_lowers_ok_501_rejected(tmp_path, d):
     ("lowerdir={a},max_nodes=-5", "max_nodes"),
     ("lowerdir={a},max_nodes=lots", "max_nodes"),
     ("lowerdir={a},max_nodes", "max_nodes"),
+    ("lowerdir={a},spin_us=-1", "spin_us"),
+    ("lowerdir={a},spin_us=50us", "spin_us"),
     ("lowerdir={a},timeout=inf", "timeout"),
     ("lowerdir={a},uidmapping=0:1000", "bad uidmapping"),
     ("lowerdir={a},gidmapping=x:1:1", "bad gidmapping"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import List, Optional
 
 import pytest
 
@@ -79,6 +80,9 @@ def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
     assert wk.read_file(os.path.join(mnt, "d0/low")) == b"low\n"
 
 
+POLL = 7     # x86_64
+
+
 def _main_thread_syscall(pid: int) -> int:
     """Number of the system call the daemon's main thread is blocked in (-1: running)."""
     with open(f"/proc/{pid}/syscall") as f:
@@ -86,13 +90,26 @@ def _main_thread_syscall(pid: int) -> int:
     return -1 if first == "running" else int(first)
 
 
-def _patched_pyfuse3() -> None:
+def _main_thread_poll_timeout(pid: int) -> Optional[int]:
+    """The timeout (ms) of the poll(2) the daemon's main thread is in; -1 if it is running
+    (spinning between two polls), None if it is in another system call."""
+    with open(f"/proc/{pid}/syscall") as f:
+        fields = f.read().split()
+    if fields[0] == "running":
+        return -1
+    return int(fields[3], 16) if int(fields[0]) == POLL else None
+
+
+def _patched_pyfuse3(level: int = 2) -> None:
     fuse_only("the daemon's request loop")
     if wk.is_fuse_overlayfs():
         pytest.skip("overlayfs-py's request loop")
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip("system call numbers of x86_64")
     import pyfuse3
-    if getattr(pyfuse3, "OVERLAYFS_PY_PATCH", 0) < 2:
-        pytest.skip("stock pyfuse3: no direct-read request loop (vendor/pyfuse3)")
+    if getattr(pyfuse3, "OVERLAYFS_PY_PATCH", 0) < level:
+        pytest.skip(f"stock pyfuse3 or patch level < {level} (vendor/pyfuse3)")
 
 
 def test_idle_daemon_waits_in_poll_not_in_trio(make_layers, mounted):
@@ -100,10 +117,7 @@ def test_idle_daemon_waits_in_poll_not_in_trio(make_layers, mounted):
     GIL released (vendor/pyfuse3, patch 3), not in trio's epoll loop: two scheduler passes
     and an epoll round trip less per request."""
     _patched_pyfuse3()
-    import platform
-    if platform.machine() != "x86_64":
-        pytest.skip("system call numbers of x86_64")
-    POLL, EPOLL_WAIT, EPOLL_PWAIT = 7, 232, 281
+    EPOLL_WAIT, EPOLL_PWAIT = 232, 281
     m = mounted(make_layers({f"d/f{i}": "x" for i in range(50)}))
     for name in os.listdir(os.path.join(wk.mp(m), "d")):
         os.stat(os.path.join(wk.mp(m), "d", name))
@@ -133,3 +147,69 @@ def test_signal_ends_a_daemon_idling_in_poll(make_layers, mounted):
         time.sleep(0.02)
     assert m.proc.returncode == 0, f"daemon still running or failed: {m.proc.returncode}"
     assert not os.path.ismount(wk.mp(m))
+
+
+def _poll_timeouts(pid: int, seconds: float) -> List[Optional[int]]:
+    out = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out.append(_main_thread_poll_timeout(pid))
+        time.sleep(0.005)
+    return out
+
+
+def _wait_asleep(pid: int) -> None:
+    """Until the main thread sleeps in poll (timeout 1000 ms): any spin has ended."""
+    deadline = time.monotonic() + 10
+    while _main_thread_poll_timeout(pid) != 1000:
+        assert time.monotonic() < deadline, "the daemon never went to sleep in poll"
+        time.sleep(0.01)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spin is off on one CPU")
+def test_worker_spins_for_spin_us_after_a_request_then_sleeps(make_layers, mounted):
+    """After a request the worker polls the FUSE fd without sleeping (poll timeout 0) for
+    spin_us, so a client that sends its next request at once needs no wakeup of the
+    daemon; then it sleeps in poll. A spin of 1.5 s makes both phases visible."""
+    _patched_pyfuse3(level=3)
+    m = mounted(make_layers({"f": "x", "g": "y"}), options=("spin_us=1500000",))
+    _wait_asleep(m.pid)
+    os.stat(os.path.join(wk.mp(m), "f"))
+    spinning = _poll_timeouts(m.pid, 0.5)
+    assert 1000 not in spinning, f"asleep right after a request: {spinning}"
+    assert {0, -1} & set(spinning), f"no spin seen: {spinning}"
+    t0 = _cpu_seconds(m.pid)
+    _wait_asleep(m.pid)                    # the spin is bounded ...
+    time.sleep(1.0)
+    t1 = _cpu_seconds(m.pid)
+    time.sleep(1.0)
+    assert _cpu_seconds(m.pid) - t1 < 0.2, "the daemon burns CPU while idle"
+    assert t1 - t0 < 2.5
+
+
+def test_spin_us_0_sleeps_at_once(make_layers, mounted):
+    """spin_us=0: the worker goes straight to sleep after each request."""
+    _patched_pyfuse3(level=3)
+    m = mounted(make_layers({"f": "x"}), options=("spin_us=0",))
+    _wait_asleep(m.pid)
+    os.stat(os.path.join(wk.mp(m), "f"))
+    seen = _poll_timeouts(m.pid, 0.3)
+    assert seen and all(t == 1000 for t in seen if t is not None and t >= 0), seen
+    assert 0 not in seen, seen
+
+
+def test_spin_is_off_on_a_single_cpu(monkeypatch):
+    from overlayfs_py.config import Config
+    from overlayfs_py.session import poll_spin_ns
+    cfg = Config(lowers=("/",), mountpoint="/mnt")
+    assert cfg.spin_us == 50
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert poll_spin_ns(cfg) == 50_000
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert poll_spin_ns(cfg) == 0

@@ -27,6 +27,12 @@ The patch set (``pyfuse3.OVERLAYFS_PY_PATCH`` = its level):
    trio (a handler awaiting a thread, a timer, a signal: poll returns EINTR) sends the
    worker back to the stock path. Spurious wakeups there are harmless: a read that finds
    nothing returns EAGAIN and the worker waits again.
+4. Before it sleeps, that worker polls the fd without sleeping for ``set_poll_spin(ns)``
+   (the daemon's ``spin_us`` option). On this VM most of a request's round trip is two
+   wakeups of halted CPUs; a client that sends its next request within the spin saves one.
+   Measured on tmpfs layers, 2000 creates: 871-986 ms without, 566-612 ms with 30 µs. The
+   sleep is bounded (1 s), so a signal that lands between the checks and the sleep is still
+   handled within a second.
 
 Usage: build.py PYTHON   (installs into that interpreter's environment; no-op when the
 installed pyfuse3 already carries this patch level).
@@ -42,7 +48,7 @@ from pathlib import Path
 
 VERSION = "3.5.0"
 SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
-PATCH_LEVEL = 2
+PATCH_LEVEL = 3
 
 EDITS = {
     "src/pyfuse3/handlers.pxi": [
@@ -107,12 +113,45 @@ async def _session_loop(""",
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum: POLLIN
 
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum: CLOCK_MONOTONIC
+
+cdef long _spin_ns = 0
+cdef bint _spin_next = True      # False after a wait that timed out: the daemon is idle
+
+def set_poll_spin(long ns):
+    \"\"\"overlayfs-py: how long an idle worker polls the FUSE fd without sleeping.\"\"\"
+    global _spin_ns
+    _spin_ns = max(ns, 0)
+
 cdef int _poll_in(int fd) noexcept nogil:
+    \"\"\"Wait until the FUSE fd is readable: first by polling it for up to _spin_ns (a
+    client that answers within that needs no wakeup of this thread), then asleep, for
+    at most a second: a signal that arrived just before the sleep interrupts nothing,
+    and the next _may_block() runs its handler. After such a timeout it does not spin.\"\"\"
+    global _spin_next
     cdef pollfd p
+    cdef timespec t0, t1
+    cdef int r
     p.fd = fd
     p.events = POLLIN
     p.revents = 0
-    return poll(&p, 1, -1)
+    if _spin_ns > 0 and _spin_next:
+        clock_gettime(CLOCK_MONOTONIC, &t0)
+        while True:
+            r = poll(&p, 1, 0)
+            if r != 0:
+                return r
+            clock_gettime(CLOCK_MONOTONIC, &t1)
+            if (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec) > _spin_ns:
+                break
+    r = poll(&p, 1, 1000)
+    _spin_next = r != 0
+    return r
 
 cdef double _INF = float('inf')
 
