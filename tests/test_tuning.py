@@ -177,7 +177,7 @@ def test_worker_spins_for_spin_us_after_a_request_then_sleeps(make_layers, mount
     """After a request the worker polls the FUSE fd without sleeping (poll timeout 0) for
     spin_us, so a client that sends its next request at once needs no wakeup of the
     daemon; then it sleeps in poll. A spin of 1.5 s makes both phases visible."""
-    _patched_pyfuse3(level=3)
+    _patched_pyfuse3(level=4)
     m = mounted(make_layers({"f": "x", "g": "y"}), options=("spin_us=1500000",))
     _wait_asleep(m.pid)
     os.stat(os.path.join(wk.mp(m), "f"))
@@ -195,7 +195,7 @@ def test_worker_spins_for_spin_us_after_a_request_then_sleeps(make_layers, mount
 
 def test_spin_us_0_sleeps_at_once(make_layers, mounted):
     """spin_us=0: the worker goes straight to sleep after each request."""
-    _patched_pyfuse3(level=3)
+    _patched_pyfuse3(level=4)
     m = mounted(make_layers({"f": "x"}), options=("spin_us=0",))
     _wait_asleep(m.pid)
     os.stat(os.path.join(wk.mp(m), "f"))
@@ -219,7 +219,7 @@ def test_spin_is_off_on_a_single_cpu(monkeypatch):
 def test_signal_during_a_spin_ends_the_daemon(make_layers, mounted):
     """SIGTERM while the worker spins: the poll(0) it is in returns EINTR (or the next one
     does), trio's handler runs, and the daemon unmounts and exits 0."""
-    _patched_pyfuse3(level=3)
+    _patched_pyfuse3(level=4)
     import signal
     m = mounted(make_layers({"f": "x"}), options=("spin_us=1000000",))
     _wait_asleep(m.pid)
@@ -236,7 +236,7 @@ def test_signal_that_misses_the_poll_is_handled_within_a_second(make_layers, mou
     daemon (one the fsync handler started), where Python's C handler only sets a flag; the
     main thread's poll is not interrupted. The sleep is bounded (1 s), and the check after it
     runs trio's handler. With an unbounded sleep the daemon would wait for a next request."""
-    _patched_pyfuse3(level=3)
+    _patched_pyfuse3(level=4)
     import ctypes
     import signal
     m = mounted(make_layers({"f": "x"}, upper=True))

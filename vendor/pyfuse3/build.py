@@ -33,6 +33,10 @@ The patch set (``pyfuse3.OVERLAYFS_PY_PATCH`` = its level):
    Measured on tmpfs layers, 3 runs: 2000 creates 1060-1781 ms without, 635-864 ms with
    50 µs; tar of 5000 files, warm, 917-1469 → 381-546 ms. The sleep is bounded (1 s), so a
    signal that lands between the checks and the sleep is still handled within a second.
+   With requests this cheap, trio's statistics (~2 µs) were a tenth of each one: while
+   requests keep coming, ``_may_block`` trusts its last yes for a millisecond, and always
+   checks again before the worker sleeps. First git status on tmpfs, 7 runs: 368-496 →
+   309-408 ms; warm tar of 5000 files 403-469 → 319-355 ms.
 
 Usage: build.py PYTHON   (installs into that interpreter's environment; no-op when the
 installed pyfuse3 already carries this patch level).
@@ -48,7 +52,7 @@ from pathlib import Path
 
 VERSION = "3.5.0"
 SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
-PATCH_LEVEL = 3
+PATCH_LEVEL = 4
 
 EDITS = {
     "src/pyfuse3/handlers.pxi": [
@@ -82,6 +86,14 @@ EDITS = {
 """),
     ],
     "src/pyfuse3/internal.pxi": [
+        # 4. after any request, spin before the next sleep (see _poll_in)
+        ("""        save_retval(None)
+        fuse_session_process_buf(session, &buf)
+""",
+         """        save_retval(None)
+        _note_request()    # overlayfs-py: see _poll_in
+        fuse_session_process_buf(session, &buf)
+"""),
         # 3. read directly when nothing else can be pending
         ("""        if not await _wait_fuse_readable():
             break
@@ -121,7 +133,18 @@ cdef extern from "<time.h>" nogil:
     enum: CLOCK_MONOTONIC
 
 cdef long _spin_ns = 0
-cdef bint _spin_next = True      # False after a wait that timed out: the daemon is idle
+cdef bint _spin_next = True      # a request came in since the last sleep: spin before the next
+cdef long _checked_ns = 0        # when _may_block() last ran trio's statistics and said yes
+cdef long _RECHECK_NS = 1000000  # ... which it then trusts for this long
+
+cdef inline void _note_request() noexcept nogil:
+    global _spin_next
+    _spin_next = True
+
+cdef long _now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec * 1000000000 + t.tv_nsec
 
 def set_poll_spin(long ns):
     \"\"\"overlayfs-py: how long an idle worker polls the FUSE fd without sleeping.\"\"\"
@@ -129,26 +152,29 @@ def set_poll_spin(long ns):
     _spin_ns = max(ns, 0)
 
 cdef int _poll_in(int fd) noexcept nogil:
-    \"\"\"Wait until the FUSE fd is readable: first by polling it for up to _spin_ns (a
-    client that answers within that needs no wakeup of this thread), then asleep, for
-    at most a second: a signal that arrived just before the sleep interrupts nothing,
-    and the next _may_block() runs its handler. After such a timeout it does not spin.\"\"\"
-    global _spin_next
+    \"\"\"Wait until the FUSE fd is readable (> 0), or return 0 or -1 (EINTR) to have the
+    caller check _may_block() again. After a request, first poll the fd without sleeping for
+    up to _spin_ns (a client that answers within that needs no wakeup of this thread), then
+    return 0 so that the full check runs before the sleep. The sleep lasts at most a second:
+    a signal that arrives just before it interrupts nothing, and the check after it runs
+    the signal's handler.\"\"\"
+    global _spin_next, _checked_ns
     cdef pollfd p
-    cdef timespec t0, t1
+    cdef long t0
     cdef int r
     p.fd = fd
     p.events = POLLIN
     p.revents = 0
-    if _spin_ns > 0 and _spin_next:
-        clock_gettime(CLOCK_MONOTONIC, &t0)
-        while True:
-            r = poll(&p, 1, 0)
-            if r != 0:
-                return r
-            clock_gettime(CLOCK_MONOTONIC, &t1)
-            if (t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec) > _spin_ns:
-                break
+    if _spin_next:
+        _spin_next = False
+        if _spin_ns > 0:
+            t0 = _now_ns()
+            while _now_ns() - t0 <= _spin_ns:
+                r = poll(&p, 1, 0)
+                if r != 0:
+                    return r
+        _checked_ns = 0
+        return 0
     r = poll(&p, 1, 1000)
     _spin_next = r != 0
     return r
@@ -158,12 +184,21 @@ cdef double _INF = float('inf')
 cdef bint _may_block():
     \"\"\"overlayfs-py: True if nothing but the next request can need this thread: no other
     worker is busy with a request, and no trio task is runnable, has a deadline, or has a
-    thread result to collect.\"\"\"
+    thread result to collect. trio's statistics cost ~2 µs, a tenth of a request: while
+    requests keep coming, a yes is trusted for a millisecond. Only a signal's handler can
+    queue trio work meanwhile, and the check always runs before the worker sleeps.\"\"\"
+    global _checked_ns
     if worker_data.task_count - worker_data.active_readers != 1:
         return False
+    cdef long now = _now_ns()
+    if now - _checked_ns < _RECHECK_NS:
+        return True
     stats = trio.lowlevel.current_statistics()
-    return (stats.tasks_runnable == 0 and stats.run_sync_soon_queue_size == 0
-            and stats.seconds_to_next_deadline == _INF)
+    if (stats.tasks_runnable == 0 and stats.run_sync_soon_queue_size == 0
+            and stats.seconds_to_next_deadline == _INF):
+        _checked_ns = now
+        return True
+    return False
 
 @async_wrapper
 async def _session_loop("""),
