@@ -83,18 +83,23 @@ def test_node_table_is_trimmed_on_big_trees(make_layers, mounted, tmp_path):
 POLL = 7     # x86_64
 
 
+def _main_thread_syscall_fields(pid: int) -> List[str]:
+    """The daemon's main thread in /proc: ["running"], or the system call it is blocked in
+    (its number, then its arguments in hex)."""
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()
+
+
 def _main_thread_syscall(pid: int) -> int:
     """Number of the system call the daemon's main thread is blocked in (-1: running)."""
-    with open(f"/proc/{pid}/syscall") as f:
-        first = f.read().split()[0]
+    first = _main_thread_syscall_fields(pid)[0]
     return -1 if first == "running" else int(first)
 
 
 def _main_thread_poll_timeout(pid: int) -> Optional[int]:
     """The timeout (ms) of the poll(2) the daemon's main thread is in; -1 if it is running
     (spinning between two polls), None if it is in another system call."""
-    with open(f"/proc/{pid}/syscall") as f:
-        fields = f.read().split()
+    fields = _main_thread_syscall_fields(pid)
     if fields[0] == "running":
         return -1
     return int(fields[3], 16) if int(fields[0]) == POLL else None
@@ -142,11 +147,7 @@ def test_signal_ends_a_daemon_idling_in_poll(make_layers, mounted):
     os.stat(os.path.join(wk.mp(m), "f"))
     time.sleep(0.2)                                   # let it settle in its idle wait
     os.kill(m.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while m.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert m.proc.returncode == 0, f"daemon still running or failed: {m.proc.returncode}"
-    assert not os.path.ismount(wk.mp(m))
+    _assert_exits_cleanly(m)
 
 
 def _poll_timeouts(pid: int, seconds: float) -> List[Optional[int]]:
