@@ -175,9 +175,7 @@ cdef int _poll_in(int fd) noexcept nogil:
                     return r
         _checked_ns = 0
         return 0
-    r = poll(&p, 1, 1000)
-    _spin_next = r != 0
-    return r
+    return poll(&p, 1, 1000)     # a request re-arms the spin (_note_request)
 
 cdef double _INF = float('inf')
 
