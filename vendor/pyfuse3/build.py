@@ -44,6 +44,7 @@ installed pyfuse3 already carries this patch level).
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -243,10 +244,34 @@ def apply_edits(src: Path) -> None:
         path.write_text(text)
 
 
-def main() -> None:
-    python = sys.argv[1] if len(sys.argv) > 1 else sys.executable
-    if installed_level(python) >= PATCH_LEVEL:
+def _safe_extract(tf: tarfile.TarFile, dest: Path) -> None:
+    """extractall that refuses names leaving ``dest``. Python 3.12 and 3.11.4 have
+    ``filter="data"`` for this; Debian 12's Python 3.11.2 does not, and its extractall()
+    raises TypeError on the argument."""
+    if hasattr(tarfile, "data_filter"):
+        tf.extractall(dest, filter="data")
         return
+    root = dest.resolve()
+    for m in tf.getmembers():
+        target = (root / m.name).resolve()
+        if root not in target.parents and target != root or m.issym() or m.islnk() \
+                or m.isdev():
+            sys.exit(f"vendor/pyfuse3: unexpected member {m.name!r} in the sdist")
+    tf.extractall(dest)
+
+
+def _wheel_cache(python: str) -> Path:
+    """Where a built wheel is kept, keyed by this script's contents and the interpreter:
+    a second checkout (a fresh clone, a git worktree) installs it in seconds instead of
+    compiling pyfuse3 again. Any change to the patch set changes the key."""
+    tag = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    key = hashlib.sha256(Path(__file__).read_bytes() + tag.encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "overlayfs-py" / "pyfuse3" / key
+
+
+def _build_wheel(python: str, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="pyfuse3-build-") as tmp:
         tmp = Path(tmp)
         subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps",
@@ -257,15 +282,37 @@ def main() -> None:
         if digest != SHA256:
             sys.exit(f"vendor/pyfuse3: {sdist.name} has sha256 {digest}, expected {SHA256}")
         with tarfile.open(sdist) as tf:
-            tf.extractall(tmp, filter="data")
+            _safe_extract(tf, tmp)
         src = tmp / f"pyfuse3-{VERSION}"
         apply_edits(src)
         print(f"vendor/pyfuse3: building pyfuse3 {VERSION} with overlayfs-py patch "
               f"level {PATCH_LEVEL} (about a minute)", flush=True)
-        # replace a stock pyfuse3 of the same version; pip resolves its dependency (trio)
-        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "pyfuse3"],
-                       check=False, capture_output=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", str(src)], check=True)
+        staging = tmp / "wheel"
+        subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                        str(staging), str(src)], check=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, out)           # complete or absent, never half a cache entry
+        except OSError:
+            if not out.is_dir():              # another build won the race: keep its wheel
+                raise
+
+
+def main() -> None:
+    python = sys.argv[1] if len(sys.argv) > 1 else sys.executable
+    if installed_level(python) >= PATCH_LEVEL:
+        return
+    cache = _wheel_cache(python)
+    wheels = sorted(cache.glob("pyfuse3-*.whl")) if cache.is_dir() else []
+    if not wheels:
+        _build_wheel(python, cache)
+        wheels = sorted(cache.glob("pyfuse3-*.whl"))
+    else:
+        print(f"vendor/pyfuse3: installing the cached build {wheels[0]}", flush=True)
+    # replace a stock pyfuse3 of the same version; pip resolves its dependency (trio)
+    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "pyfuse3"],
+                   check=False, capture_output=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheels[0])], check=True)
     level = installed_level(python)
     if level < PATCH_LEVEL:
         sys.exit(f"vendor/pyfuse3: installed pyfuse3 reports patch level {level}")
