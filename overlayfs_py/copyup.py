@@ -16,7 +16,7 @@ from typing import Dict
 
 import trio
 
-from . import whiteout
+from . import faultpoint, whiteout
 from .copydata import copy_file_data
 from .inodes import Node
 from .layers import O_DIR, open_dir_at, open_path_at, proc_path
@@ -207,7 +207,9 @@ class CopyUp:
                     await trio.to_thread.run_sync(self._copy_data, src, dst, size)
                 finally:
                     os.close(src)
+            faultpoint.hit("metacopy.filled")
             os.removexattr(dst, self.metacopy_xattr)
+            faultpoint.hit("metacopy.done")
         finally:
             os.close(dst)
         node.layers = (UPPER,)
@@ -246,6 +248,7 @@ class CopyUp:
                 finally:
                     os.close(src)
                     os.close(dst)
+            faultpoint.hit("copyup.staged")
             os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
         except BaseException:
             try:

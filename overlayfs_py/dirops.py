@@ -17,7 +17,7 @@ import os
 import stat
 from typing import Callable, Optional, Tuple
 
-from . import whiteout
+from . import faultpoint, whiteout
 from .copyup import CopyUp, Workdir, ensure_upper_dir, remove_tree_at
 from .creds import as_user
 from .inodes import Node
@@ -118,8 +118,10 @@ class Namespace:
         else:
             tmp = self.work.temp_name()
             if self._link_whiteout(self.work.fd, tmp):
+                faultpoint.hit("whiteout.staged")
                 if stat.S_ISDIR(existing.st_mode):
                     renameat2(self.work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+                    faultpoint.hit("whiteout.exchanged")
                     remove_tree_at(self.work.fd, tmp)
                 else:
                     os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
@@ -253,6 +255,8 @@ class Namespace:
         tmp = work.temp_name()
         result = maker(work.fd, tmp, mode)
         try:
+            if is_dir:
+                faultpoint.hit("mkdir.staged")
             pfd = open_path_at(work.fd, tmp)
             try:
                 p = proc_path(pfd)
@@ -268,7 +272,9 @@ class Namespace:
             finally:
                 os.close(pfd)
             if is_dir:
+                faultpoint.hit("mkdir.opaque")
                 renameat2(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+                faultpoint.hit("mkdir.exchanged")
                 os.unlink(tmp, dir_fd=work.fd)          # the whiteout, now in the workdir
             else:
                 os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
@@ -389,7 +395,9 @@ class Namespace:
             os.rename(n_old, n_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             self.whiteout(old_fd, n_old, None)
         else:
+            faultpoint.hit("rename.before")
             renameat2(old_fd, n_old, new_fd, n_new, flags)
+            faultpoint.hit("rename.after")
         if cleanup_whiteout:
             os.unlink(n_old, dir_fd=old_fd)
         if lstat_at(new_fd, whiteout.WH_PREFIX + n_new) is not None:

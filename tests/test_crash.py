@@ -11,10 +11,16 @@ layers mounted again (the workdir is left as the crash left it). Then:
 - every acknowledged new file or rename target exists with its full content;
 - neither the merged view nor the upper dir shows any other name (no temp files);
 - the remounted filesystem works and unmounts cleanly.
+
+``test_kill9_at_named_step`` stops the daemon at named steps of multi-step operations
+(rename over a lower file, rmdir of a merged dir, mkdir over a whiteout, metacopy data
+fill-in) through its kill points (``overlayfs_py/faultpoint.py``) instead of a timer, and
+checks that the remounted tree is the state before or after the operation, never a mix.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import threading
@@ -365,3 +371,124 @@ def test_kill9_during_rmdir_of_lower_dirs(tmp_path, delay):
                                     f"{sorted(j for (k, j) in unlinked if k == i)}, "
                                     f"rmdir {i in rmdired}, mkdir {i in mkdired}")
             assert not problems, "\n".join(problems[:20])
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 at named steps (overlayfs_py/faultpoint.py), not at a time
+# ---------------------------------------------------------------------------------------------
+
+KILL_ENV = "OVERLAYFS_PY_KILL_AT"
+
+
+def _metacopy_prep(m):
+    os.chmod(m / "big", 0o600)            # a metadata-only copy (metacopy=on)
+
+
+def _metacopy_act(m):
+    with open(m / "big", "ab") as f:      # the first write fills in the data
+        f.write(b"tail")
+
+
+# id -> (lower specs top first, upper spec, mount options, prepare(mnt), act(mnt), steps)
+KILL_CASES = {
+    # rename over a lower file in another directory: copy-up of the source, then one
+    # renameat2(RENAME_WHITEOUT) that moves it over the target and leaves a whiteout behind
+    "rename-over-lower": (
+        [{"d/a": "A\n" * 1000, "e/c": "C\n", "e/keep": "k"}], None, (),
+        None, lambda m: os.rename(m / "d/a", m / "e/c"),
+        ["copyup.staged", "rename.before", "rename.after"]),
+    # rmdir of a directory merged from two lower layers (emptied by whiteouts): the upper
+    # directory is exchanged with a whiteout, then deleted in the workdir
+    "rmdir-merged": (
+        [{"m/x": "1", "keep": "k"}, {"m/y": "2", "m/z/deep": "3"}],
+        {"m/x": layerkit.WHITEOUT, "m/y": layerkit.WHITEOUT, "m/z": layerkit.WHITEOUT}, (),
+        None, lambda m: os.rmdir(m / "m"),
+        ["whiteout.staged", "whiteout.exchanged"]),
+    # mkdir where a whiteout hides a lower directory: built in the workdir, marked opaque,
+    # exchanged with the whiteout
+    "mkdir-over-whiteout": (
+        [{"d/sub/f": "lower f", "d/sub/g/h": "lower h", "d/other": "o"}],
+        {"d/sub": layerkit.WHITEOUT}, (),
+        None, lambda m: os.mkdir(m / "d/sub", 0o750),
+        ["mkdir.staged", "mkdir.opaque", "mkdir.exchanged"]),
+    # metacopy=on: the first write to a metadata-only copy fills its data in place, then
+    # drops the metacopy xattr
+    "metacopy-fill": (
+        [{"big": random.Random(3).randbytes(3 << 20), "small": "s"}], None, ("metacopy=on",),
+        _metacopy_prep, _metacopy_act,
+        ["metacopy.filled", "metacopy.done"]),
+}
+
+
+def _kill_case_states(tmp_path, case):
+    """(before, after) merged snapshots of the case, from a run without a kill point."""
+    lowers, upper, opts, prep, act, _ = KILL_CASES[case]
+    s = wk.Stack(tmp_path, lowers, "ref", upper_spec=upper)
+    with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt, opts):
+        if prep:
+            prep(s.mnt)
+        before = wk.merged_snapshot(s.mnt)
+        act(s.mnt)
+        after = wk.merged_snapshot(s.mnt)
+    assert before != after, "the operation changes nothing: the test could not fail"
+    return before, after
+
+
+_STATES = {}
+
+
+@pytest.mark.parametrize("case,step", [(c, st) for c, v in KILL_CASES.items() for st in v[5]])
+def test_kill9_at_named_step(tmp_path, case, step):
+    """The daemon is SIGKILLed by its own kill point at ``step`` of the operation. After a
+    remount on the same upper and workdir the merged view is exactly the state before the
+    operation or the state after it (never a mix), the upper holds no temporary, and the
+    kernel overlay mounted on that upper shows the same tree."""
+    require_fuse()
+    fuse_only("kills the FUSE daemon")
+    lowers, upper, opts, prep, act, _ = KILL_CASES[case]
+    if case not in _STATES:
+        _STATES[case] = _kill_case_states(tmp_path, case)
+    before, after = _STATES[case]
+    s = wk.Stack(tmp_path, lowers, "s", upper_spec=upper)
+    env = dict(os.environ, **{KILL_ENV: step})
+    with wk.watchdog(tmp_path, 120, "kill-point test"):
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt, opts, env=env,
+                                 check_exit=False) as fm:
+            if prep:
+                prep(s.mnt)
+            err = []
+
+            def run():
+                try:
+                    act(s.mnt)
+                except OSError as e:
+                    err.append(e)
+            th = threading.Thread(target=run, daemon=True)
+            th.start()
+            th.join(60)
+            assert not th.is_alive(), "the operation hangs after the kill"
+            rc = fm.proc.wait(timeout=30)
+            assert rc == -9, f"the daemon did not stop at {step} (exit {rc}):\n{fm.log()}"
+            assert err and err[0].errno in (errno.ENOTCONN, errno.ECONNABORTED), err
+            wk.kill9(fm)                                # lazy unmount of the dead mount
+        stray = [p for p in wk.tree_paths(s.upper) if os.path.basename(p).startswith("#")]
+        assert not stray, f"workdir temporaries in the upper: {stray}"
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt, opts):
+            got = wk.merged_snapshot(s.mnt)
+        assert os.listdir(s.work / "work") == [], "stale temporaries kept after a remount"
+        if got != before and got != after:
+            diff_b = wk.diff_snapshots(before, got, "before", "got")
+            diff_a = wk.diff_snapshots(after, got, "after", "got")
+            pytest.fail(f"kill at {step}: neither the state before nor after:\n  vs before: "
+                        + "\n    ".join(diff_b) + "\n  vs after: " + "\n    ".join(diff_a))
+        # the kernel overlay reads the upper as the crash left it in the same way
+        if layerkit.kernel_overlay_available():
+            klowers = s.kernel_lowers()
+            s.reset_work()
+            kopts = wk.KERNEL_OPTS if "metacopy=on" not in opts else \
+                ("metacopy=on",)
+            with contextlib.ExitStack() as ex:
+                kmnt = s.mount_kernel(ex, options=kopts, lowers=klowers)
+                kernel = wk.merged_snapshot(kmnt)
+            assert kernel == got, "kernel overlay on the crashed upper:\n" + \
+                "\n".join(wk.diff_snapshots(kernel, got, "kernel", "ours"))
