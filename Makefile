@@ -29,7 +29,7 @@ setup: system-deps kernel-modules $(STAMP) bytecode
 # System packages: only touch apt when one of the things we need is missing.
 system-deps:
 	@missing=""; \
-	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync; do \
+	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync git; do \
 	    command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; \
 	done; \
 	if command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists fuse3; then \
@@ -49,9 +49,14 @@ kernel-modules:
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml vendor/pyfuse3/build.py | $(VENV)/bin/python
+# The venv is rebuilt when the pyfuse3 build or its patch series changes (the directory
+# itself too: its mtime changes when a patch is added, removed or renamed).
+PYFUSE3_DEPS := vendor/pyfuse3/build.py vendor/pyfuse3/patches \
+                $(wildcard vendor/pyfuse3/patches/*.patch)
+
+$(STAMP): pyproject.toml $(PYFUSE3_DEPS) | $(VENV)/bin/python
 	$(VPY) -m pip install --quiet --upgrade pip
-	@# pyfuse3 with our small patch set (see vendor/pyfuse3/build.py) before the package,
+	@# pyfuse3 with our patch set (vendor/pyfuse3/patches, applied by build.py) before the package,
 	@# so pip keeps it: the daemon needs its directory-cache and DONT_MASK hooks.
 	$(VPY) vendor/pyfuse3/build.py $(VPY)
 	$(VPY) -m pip install --quiet -e '.[test]'
