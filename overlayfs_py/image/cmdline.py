@@ -1,0 +1,175 @@
+"""The image commands' command line: ``overlayfs-py image ...``, ``diff``, ``commit``.
+
+``overlayfs_py.cli`` hands us argv when its first word is one of ``COMMANDS`` (and no ``-o``
+option names a ``lowerdir=``, which only the mount command line has). We parse it, call the
+Python API (``api``, ``history``, ``diff``, ``commit``) and print. ``image mount`` prepares
+the image (unpack, lease) and gives the plan to the ``mount`` callback that the CLI passes
+in: mounting is the daemon's half, which this package never imports.
+
+Exit status: 0 on success, 1 with one ``overlayfs-py: <reason>`` line on stderr for any bad
+input or failure, 130 when interrupted. Warnings (things a layer holds that could not be
+kept) are ``overlayfs-py: warning: ...`` lines on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import api
+from .errors import ImageError
+from .progress import make_progress
+
+PROG = "overlayfs-py"
+COMMANDS = ("image", "diff", "commit")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: Optional[str] = None):
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(status)
+
+
+def err(msg: str) -> None:
+    line = " ".join(str(msg).split()) or "unknown error"
+    try:
+        sys.stderr.write(f"{PROG}: {line}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        err(f"warning: {line}")
+
+
+def _print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _common(p: argparse.ArgumentParser, *, platform: bool = True) -> None:
+    p.add_argument("--store", metavar="DIR",
+                   help="the store (default: $OVERLAYFS_PY_STORE, else /var/lib/overlayfs-py "
+                        "for root, $XDG_DATA_HOME/overlayfs-py for others)")
+    if platform:
+        p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                       help="platform to pick from a multi-platform image (default: this "
+                            "machine's, linux)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Container images on overlayfs-py.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    image = sub.add_parser("image", help="read, unpack and mount images")
+    isub = image.add_subparsers(dest="image_command", metavar="SUBCOMMAND",
+                                parser_class=_Parser)
+    isub.required = True
+
+    m = isub.add_parser("mount", help="mount an image (read-only without --upper)",
+                        description="Unpack what the store lacks and mount the image's layers "
+                                    "(first layer of the manifest at the bottom). Returns once "
+                                    "the mount is live; unmount with fusermount3 -u MNT.")
+    m.add_argument("source", metavar="SOURCE[:TAG]",
+                   help="OCI layout dir, OCI or Docker archive, or a stored image's name")
+    m.add_argument("mountpoint", metavar="MNT")
+    m.add_argument("--upper", metavar="DIR", help="writable layer (the container's)")
+    m.add_argument("--work", metavar="DIR", help="work directory (same file system as "
+                                                  "--upper)")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, as for the plain mount command")
+    m.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("-d", "--debug", action="store_true", help="debug log (implies -f)")
+    m.add_argument("--oci-markers", action="store_true",
+                   help="use layers that keep the OCI .wh. markers (unpacked apart)")
+    _common(m)
+    m.set_defaults(func=cmd_mount)
+
+    u = isub.add_parser("unpack", help="unpack an image's layers into the store",
+                        description="Unpack what the store lacks; print the lowerdir= list "
+                                    "(top first) that mounts the image, e.g. with the kernel "
+                                    "overlay.")
+    u.add_argument("source", metavar="SOURCE[:TAG]")
+    u.add_argument("--oci-markers", action="store_true",
+                   help="keep the OCI .wh. markers instead of the kernel's format")
+    u.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(u)
+    u.set_defaults(func=cmd_unpack)
+
+    return parser
+
+
+def cmd_unpack(args, mount) -> int:
+    progress = make_progress(args.quiet)
+    result = api.unpack(args.source, store=args.store, platform=args.platform,
+                        oci_markers=args.oci_markers, progress=progress)
+    warn(result.warnings)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        sys.stdout.write("lowerdir=" + ":".join(result.lowers()) + "\n")
+    return 0
+
+
+def cmd_mount(args, mount) -> int:
+    if mount is None:
+        raise UsageError("image mount is only available through the overlayfs-py command")
+    if (args.upper is None) != (args.work is None):
+        raise UsageError("--upper and --work go together")
+    for o in args.options:
+        if "lowerdir=" in o:
+            raise UsageError("image mount takes its lower layers from the image; -o "
+                             "lowerdir= is not allowed")
+    if not os.path.isdir(args.mountpoint):
+        raise ImageError(f"mountpoint {args.mountpoint}: not a directory")
+    progress = make_progress(args.quiet)
+    with api.prepare_mount(args.source, store=args.store, platform=args.platform,
+                           oci_markers=args.oci_markers, progress=progress) as plan:
+        warn(plan.unpacked.warnings)
+        return mount(plan, args.mountpoint, args.upper, args.work, list(args.options),
+                     args.foreground, args.debug)
+
+
+def main(argv: Sequence[str], mount=None) -> int:
+    """Run one image command; ``mount(plan, mountpoint, upper, work, options, foreground,
+    debug) -> int`` mounts a MountPlan (given by overlayfs_py.cli)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(list(argv))
+        return args.func(args, mount)
+    except SystemExit as e:              # --help
+        return int(e.code or 0)
+    except UsageError as e:
+        err(str(e))
+        return 1
+    except ImageError as e:
+        err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        err(f"{where}{e.strerror or e}")
+        return 1
+    except Exception as e:                # a bug: one line, no traceback
+        if os.environ.get("OVERLAYFS_PY_TRACEBACK"):
+            raise
+        err(f"internal error: {type(e).__name__}: {e}")
+        return 1
