@@ -33,19 +33,21 @@ class Mount:
         self.proc = proc
         self.pid = proc.pid
         self.mountpoint = mountpoint
+        self.plan = None             # an image mount's MountPlan (image_mount)
 
 
 @contextlib.contextmanager
 def mount(lower: Sequence[str], mountpoint: str, upper: Optional[str] = None,
           work: Optional[str] = None, options: Iterable[str] = (), debug: bool = False,
-          timeout: float = 20.0):
-    """Mount ``lower`` (top layer first) [+ ``upper``/``work``] on ``mountpoint``."""
+          timeout: float = 20.0, pass_fds: Sequence[int] = ()):
+    """Mount ``lower`` (top layer first) [+ ``upper``/``work``] on ``mountpoint``.
+    ``pass_fds`` are kept open in the daemon (an image mount's layer leases)."""
     mountpoint = os.path.abspath(mountpoint)
     cmd = [sys.executable, "-m", "overlayfs_py", "-f"]
     if debug:
         cmd.append("-d")
     cmd += ["-o", option_string(lower, upper, work, options), mountpoint]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
     try:
         deadline = time.monotonic() + timeout
         while not os.path.ismount(mountpoint):
@@ -68,3 +70,21 @@ def mount(lower: Sequence[str], mountpoint: str, upper: Optional[str] = None,
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
     if proc.returncode not in (0, None):
         raise RuntimeError(f"overlayfs-py exited with status {proc.returncode}")
+
+
+@contextlib.contextmanager
+def image_mount(source: str, mountpoint: str, upper: Optional[str] = None,
+                work: Optional[str] = None, *, store=None, platform=None,
+                options: Iterable[str] = (), oci_markers: bool = False, debug: bool = False,
+                progress=None, timeout: float = 20.0):
+    """Mount an image (``SOURCE[:TAG]``, ``SOURCE@DIGEST`` or a stored image's name) for the
+    ``with`` block: its missing layers are unpacked into the store first, and the daemon
+    holds leases on the layers it uses. Read-only without ``upper``/``work``."""
+    from .image import prepare_mount
+    with prepare_mount(source, store=store, platform=platform, oci_markers=oci_markers,
+                       progress=progress) as plan:
+        with mount(plan.lowers, mountpoint, upper, work,
+                   options=tuple(plan.options) + tuple(options), debug=debug, timeout=timeout,
+                   pass_fds=plan.lease_fds) as m:
+            m.plan = plan
+            yield m

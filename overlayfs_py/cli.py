@@ -53,8 +53,46 @@ def _load_run():
     return run, MountError
 
 
+# The image commands (overlayfs_py/image/cmdline.py). The mount(8) form may name a SOURCE
+# that happens to be one of these words; it always has -o lowerdir=..., they never do.
+IMAGE_COMMANDS = ("image", "diff", "commit")
+
+
+def _option_values(args: Sequence[str]) -> List[str]:
+    out = []
+    for i, a in enumerate(args):
+        if a in ("-o", "--options") and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith("--options="):
+            out.append(a[len("--options="):])
+        elif a.startswith("-o") and a != "-o":
+            out.append(a[2:])
+    return out
+
+
+def is_image_command(args: Sequence[str]) -> bool:
+    return bool(args) and args[0] in IMAGE_COMMANDS and \
+        not any("lowerdir=" in o for o in _option_values(args))
+
+
+def _mount_image_plan(plan, mountpoint: str, upper: Optional[str], work: Optional[str],
+                      options: Sequence[str], foreground: bool, debug: bool) -> int:
+    """Mount an image's MountPlan with the plain mount command line (same daemon path, same
+    -o options); the plan's layer leases are inherited by the daemon."""
+    from .api import option_string
+    argv: List[str] = ["-d"] if debug else (["-f"] if foreground else [])
+    argv += ["-o", option_string(plan.lowers, upper, work, plan.options)]
+    for o in options:
+        argv += ["-o", o]
+    argv.append(mountpoint)
+    return main(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if is_image_command(args):
+        from .image.cmdline import main as image_main
+        return image_main(args, mount=_mount_image_plan)
     try:
         config = parse_argv(args)
     except InfoRequest as info:
