@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)     # libc is loaded: no ldconfig run (find_library)
 _IS_ROOT = os.geteuid() == 0
 _CAP_V3 = 0x20080522
 
