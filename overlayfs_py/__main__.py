@@ -1,7 +1,6 @@
 """python -m overlayfs_py == overlayfs-py."""
-import sys
 
-from overlayfs_py.cli import main
+from overlayfs_py.cli import run_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main()

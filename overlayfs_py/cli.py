@@ -10,6 +10,10 @@ reports that the mount is live, otherwise it prints the child's error line and e
 1. The child starts a new session, chdirs to "/" (every path in Config is absolute),
 and detaches its stdio once the mount is live, so that errors before that point still
 reach the user.
+
+Start-up is most of a container's mount: the child imports trio only after the mount
+is live (lazyimport), while the caller already goes on; every check and the mount
+itself come before (README, "Start-up").
 """
 from __future__ import annotations
 
@@ -48,7 +52,10 @@ def setup_logging(debug: bool) -> None:
 
 
 def _load_run():
-    """Import the mount machinery lazily (it pulls in trio and pyfuse3)."""
+    """Import the mount machinery lazily (it pulls in trio and pyfuse3). trio itself is
+    deferred until the mount is live (lazyimport): nothing before the mount needs it."""
+    from . import lazyimport
+    lazyimport.defer("trio")
     from .session import MountError, run  # noqa: WPS433 (lazy on purpose: after fork)
     return run, MountError
 
@@ -260,7 +267,18 @@ def _child(config: Config, wfd: int) -> int:
 
 
 def run_main() -> None:
-    sys.exit(main())
+    """The command's entry point (console script and ``python -m``). It ends the process with
+    os._exit once stdout and stderr are flushed: in daemon mode the parent's exit is when the
+    caller sees the mount, and a normal interpreter shutdown (module teardown, garbage
+    collection) would add ~10 ms to it for nothing. Everything the command opened is closed
+    by then; the daemon is a separate process."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 __all__ = ["main", "run_main", "setup_logging"]
