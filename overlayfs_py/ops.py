@@ -71,6 +71,10 @@ def handler(fn):
             raise
         except OSError as e:
             code = e.errno or errno.EIO
+            if code == errno.EMFILE:
+                # the daemon's own descriptor table is full, not the caller's: to the
+                # caller that is a system-wide limit
+                code = errno.ENFILE
             if debug:
                 log.debug("<- %s: %s", name, errno.errorcode.get(code, code))
             raise pyfuse3.FUSEError(code) from None

@@ -6,10 +6,13 @@ one-line reason, if the mount cannot be made; nothing is left mounted in that ca
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import resource
 import signal
+import subprocess
 from typing import Callable, Optional
 
 import pyfuse3
@@ -23,6 +26,11 @@ from .overlay import Overlay
 log = logging.getLogger("overlayfs_py")
 
 MIN_TASKS, MAX_TASKS = 4, 64
+WRITEBACK_TIMEOUT = 20.0     # seconds a signal waits for the kernel to write back its cache
+SIGNAL_GRACE = 2.0           # ... and then for files still open through the detached mount
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class MountError(Exception):
@@ -73,6 +81,33 @@ def poll_spin_ns(config: Config) -> int:
     return config.spin_us * 1000
 
 
+def _detach_and_write_back(mountpoint: str) -> None:
+    """What a signal does before the loop ends: detach the mount (``umount -l``: no new
+    path reaches it, files already open keep working), then syncfs(2) it, so that data the
+    kernel still caches for files not yet closed or synced (the writeback cache) is written
+    to the upper layer. If nothing else holds the mount, dropping our own reference makes
+    the kernel shut it down -- writing back everything -- and end the session: the loop
+    then returns by itself. Runs in a worker thread: all of this waits for requests that
+    the loop must keep serving meanwhile."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        log.warning("unmount on signal: cannot open %s: %s", mountpoint, e)
+        fd = None
+    try:
+        if os.geteuid() == 0:
+            if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
+                log.warning("unmount on signal: %s", os.strerror(ctypes.get_errno()))
+        else:
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+        if fd is not None and _libc.syncfs(fd) != 0:
+            log.warning("write-back on signal: %s", os.strerror(ctypes.get_errno()))
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.trim_nodes)
@@ -80,6 +115,16 @@ async def _serve(ops: Operations) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
                     log.info("signal %d: unmounting", signum)
+                    with trio.move_on_after(WRITEBACK_TIMEOUT) as scope:
+                        await trio.to_thread.run_sync(_detach_and_write_back,
+                                                      ops.config.mountpoint,
+                                                      abandon_on_cancel=True)
+                    if scope.cancelled_caught:
+                        log.warning("unmount on signal: no write-back after %.0f s",
+                                    WRITEBACK_TIMEOUT)
+                    # Files still open keep working for a moment (the loop returns as soon
+                    # as the last one is closed); then the session ends for them too.
+                    await trio.sleep(SIGNAL_GRACE)
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
