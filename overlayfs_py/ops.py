@@ -16,7 +16,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import whiteout
+from . import creds, whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir
 from .dirops import Namespace
@@ -562,8 +562,13 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         node = self._node(inode)
         with self.ov.object_path(node) as p:
-            names = os.listxattr(p)
-        return [os.fsencode(n) for n in names if not whiteout.is_private_xattr(n)]
+            names = [n for n in os.listxattr(p) if not whiteout.is_private_xattr(n)]
+        # trusted.* are listed to CAP_SYS_ADMIN only, as a local filesystem and the kernel
+        # overlay do (the kernel leaves that filtering to the filesystem)
+        if any(n.startswith("trusted.") for n in names) and \
+                not creds.caller_has_cap(ctx.pid, ctx.uid, creds.CAP_SYS_ADMIN):
+            names = [n for n in names if not n.startswith("trusted.")]
+        return [os.fsencode(n) for n in names]
 
     @handler
     async def setxattr(self, inode, name, value, ctx):

@@ -437,14 +437,15 @@ def compare_uppers(kern_upper, ours_upper, kern_lowers):
     return diffs, redundant
 
 
-def run_as(uid, gid, fn):
-    """Run fn() in a forked child with the given uid/gid (no supplementary groups);
-    returns "ok" or the errno name it failed with ("EXC" for any other exception)."""
+def run_as(uid, gid, fn, groups=()):
+    """Run fn() in a forked child with the given uid/gid and supplementary ``groups``
+    (default none); returns "ok" or the errno name it failed with ("EXC" for any other
+    exception)."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             fn()
