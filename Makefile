@@ -3,6 +3,7 @@
 #   make demo     mount the example layer stack and run real programs on it
 #   make test     the whole test suite (needs root and /dev/fuse for the mount tests)
 #   make bench    benchmarks (BENCH_ARGS=... passed through); make bench-quick
+#   make soak     64 clients for 10 minutes on ours, then on the kernel overlay (SOAK_ARGS=...)
 #   make clean
 #
 # Every target that needs the program depends on `setup`, which is idempotent:
@@ -15,22 +16,23 @@ VENV       := .venv
 VPY        := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-stamp
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 PYTEST_ARGS ?=
 
 # Run apt-get through sudo only when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fuse-overlayfs attr rsync sqlite3 git strace
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fuse-overlayfs attr rsync sqlite3 git strace e2fsprogs
 
-.PHONY: setup system-deps kernel-modules bytecode test demo bench bench-quick clean
+.PHONY: setup system-deps kernel-modules bytecode test demo bench bench-quick soak clean
 
 setup: system-deps kernel-modules $(STAMP) bytecode
 
 # System packages: only touch apt when one of the things we need is missing.
 system-deps:
 	@missing=""; \
-	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync git; do \
-	    command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; \
+	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync git mkfs.ext4 debugfs; do \
+	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; \
 	done; \
 	if command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists fuse3; then \
 	    missing="$$missing libfuse3-dev"; \
@@ -84,6 +86,10 @@ bench: setup
 
 bench-quick: setup
 	$(VPY) benchmarks/bench.py --quick $(BENCH_ARGS)
+
+# Not part of `make test`: ten minutes by default (SOAK_SECONDS, SOAK_CLIENTS change it).
+soak: setup
+	$(VPY) soak/soak.py $(SOAK_ARGS)
 
 clean:
 	@# Never remove a tree that is still mounted somewhere below it.

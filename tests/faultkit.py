@@ -32,7 +32,7 @@ BLOCK = 4096
 
 def have_loop() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/loop-control") and \
-        shutil.which("losetup") is not None and shutil.which("mkfs.ext4") is not None
+        all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "debugfs"))
 
 
 def _run(*cmd, check=True) -> str:
