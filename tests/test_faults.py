@@ -233,6 +233,8 @@ def test_enospc_writes(target, tmp_path, writeback):
         except OSError as e:
             seen = seen or "close " + _errname(e)
     assert seen is not None and seen.endswith("ENOSPC"), f"ENOSPC never reported: {seen}"
+    print(f"{target.impl} writeback={writeback}: fsync'ing writer: {where} {err}, "
+          f"{acked} bytes acknowledged; writer without fsync: {seen}")
     if target.impl == "kernel" or writeback == "0":
         assert seen.startswith("write")
     # free the space: the same work succeeds without a remount
