@@ -7,12 +7,10 @@ one-line reason, if the mount cannot be made; nothing is left mounted in that ca
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import resource
 import signal
-import subprocess
 from typing import Callable, Optional
 
 import pyfuse3
@@ -30,7 +28,7 @@ WRITEBACK_TIMEOUT = 20.0     # seconds a signal waits for the kernel to write ba
 SIGNAL_GRACE = 2.0           # ... and then for files still open through the detached mount
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)     # libc is loaded: no ldconfig run (find_library)
 
 
 class MountError(Exception):
@@ -99,6 +97,7 @@ def _detach_and_write_back(mountpoint: str) -> None:
             if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
                 log.warning("unmount on signal: %s", os.strerror(ctypes.get_errno()))
         else:
+            import subprocess        # only here: it costs every start otherwise
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
         if fd is not None and _libc.syncfs(fd) != 0:
