@@ -54,7 +54,7 @@ $(VENV)/bin/python:
 # The venv is rebuilt when the pyfuse3 build or its patch series changes (the directory
 # itself too: its mtime changes when a patch is added, removed or renamed).
 PYFUSE3_DEPS := vendor/pyfuse3/build.py vendor/pyfuse3/patches \
-                $(wildcard vendor/pyfuse3/patches/*.patch)
+                $(wildcard vendor/pyfuse3/patches/*.patch) vendor/libfuse/build.py
 
 $(STAMP): pyproject.toml $(PYFUSE3_DEPS) | $(VENV)/bin/python
 	$(VPY) -m pip install --quiet --upgrade pip

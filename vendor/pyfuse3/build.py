@@ -16,10 +16,14 @@ Besides the patches, the build stamps the sdist (build metadata, not behaviour):
 check it to tell our build from a stock pyfuse3), ``pyfuse3.OVERLAYFS_PY_BUILD`` = the
 build key below, and the version ``3.5.0+overlayfspyN``.
 
+pyfuse3 is built against a libfuse >= 3.16 (passthrough): the system's when it is recent
+enough, else a pinned libfuse linked in statically (``vendor/libfuse/build.py``).
+
 The built wheel is cached per build key (``~/.cache/overlayfs-py/pyfuse3/KEY``): a hash of
-this script, every patch file and the interpreter. A second checkout (a fresh clone, a git
-worktree) installs it in seconds instead of compiling pyfuse3 again, and any change to
-what the build depends on changes the key.
+this script, every patch file, the interpreter, the libfuse build script and the libfuse
+it builds against. A second checkout (a fresh clone, a git worktree) installs it in
+seconds instead of compiling pyfuse3 (and libfuse) again, and any change to what the
+build depends on changes the key.
 
 Usage: build.py PYTHON   (installs into that interpreter's environment; no-op when the
 installed pyfuse3 already is this build).
@@ -27,6 +31,7 @@ installed pyfuse3 already is this build).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -38,6 +43,15 @@ VERSION = "3.5.0"
 SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
 HERE = Path(__file__).resolve().parent
 PATCH_DIR = HERE / "patches"
+LIBFUSE_BUILD = HERE.parent / "libfuse" / "build.py"
+
+
+def _libfuse():
+    spec = importlib.util.spec_from_file_location("overlayfs_py_vendor_libfuse", LIBFUSE_BUILD)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def patches() -> list[Path]:
@@ -49,11 +63,12 @@ def patches() -> list[Path]:
     return found
 
 
-def build_key(python: str, series: list[Path]) -> str:
+def build_key(python: str, series: list[Path], libfuse_identity: str) -> str:
     tag = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"],
                          capture_output=True, text=True, check=True).stdout.strip()
     h = hashlib.sha256()
-    for part in [Path(__file__).read_bytes(), tag.encode()] + \
+    for part in [Path(__file__).read_bytes(), tag.encode(), LIBFUSE_BUILD.read_bytes(),
+                 libfuse_identity.encode()] + \
             [p.name.encode() + b"\0" + p.read_bytes() for p in series]:
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
@@ -112,7 +127,7 @@ def _wheel_cache(key: str) -> Path:
     return base / "overlayfs-py" / "pyfuse3" / key
 
 
-def _build_wheel(python: str, out: Path, series: list[Path], key: str) -> None:
+def _build_wheel(python: str, out: Path, series: list[Path], key: str, env: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="pyfuse3-build-") as tmp:
         tmp = Path(tmp)
         subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps",
@@ -131,7 +146,7 @@ def _build_wheel(python: str, out: Path, series: list[Path], key: str) -> None:
               f"patches (about a minute)", flush=True)
         staging = tmp / "wheel"
         subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
-                        str(staging), str(src)], check=True)
+                        str(staging), str(src)], check=True, env=dict(os.environ, **env))
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staging, out)           # complete or absent, never half a cache entry
@@ -143,13 +158,17 @@ def _build_wheel(python: str, out: Path, series: list[Path], key: str) -> None:
 def main() -> None:
     python = sys.argv[1] if len(sys.argv) > 1 else sys.executable
     series = patches()
-    key = build_key(python, series)
+    libfuse = _libfuse()
+    lf = libfuse.configure(python)
+    key = build_key(python, series, lf.identity)
     if installed_build(python) == key:
         return
     cache = _wheel_cache(key)
     wheels = sorted(cache.glob("pyfuse3-*.whl")) if cache.is_dir() else []
     if not wheels:
-        _build_wheel(python, cache, series, key)
+        lf = libfuse.ensure(python)     # builds a vendored libfuse only now, when needed
+        print(f"vendor/pyfuse3: building against {lf.name}", flush=True)
+        _build_wheel(python, cache, series, key, lf.env)
         wheels = sorted(cache.glob("pyfuse3-*.whl"))
     else:
         print(f"vendor/pyfuse3: installing the cached build {wheels[0]}", flush=True)
