@@ -94,7 +94,8 @@ def configure(python: str) -> Libfuse:
            # keep libfuse's symbols inside pyfuse3's extension module
            "LDFLAGS": " ".join([os.environ.get("LDFLAGS", ""),
                                 "-Wl,--exclude-libs,ALL"]).strip()}
-    ident = " ".join((f"libfuse {VERSION} sha256:{SHA256[:16]} static",
+    script = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    ident = " ".join((f"libfuse {VERSION} sha256:{SHA256[:16]} static build.py:{script}",
                       f"fusermount:{fusermount_dir()}") + MESON_OPTIONS)
     return Libfuse(name=f"libfuse {VERSION} (static, {prefix})", identity=ident, env=env,
                    prefix=prefix)
@@ -142,6 +143,17 @@ def _extract(tarball: Path, dest: Path) -> Path:
     return dest / f"fuse-{VERSION}"
 
 
+def _link_archive_by_path(pc: Path) -> None:
+    """``-L${libdir} -lfuse3`` lets the linker pick the first libfuse3 on its search path,
+    and Debian's Python puts /usr/lib/x86_64-linux-gnu (libfuse3.so, 3.14) before ours:
+    name the archive itself instead."""
+    text = pc.read_text()
+    old = "-L${libdir} -lfuse3 "
+    if text.count(old) != 1:
+        sys.exit(f"vendor/libfuse: unexpected Libs line in {pc}")
+    pc.write_text(text.replace(old, "${libdir}/libfuse3.a "))
+
+
 def ensure(python: str) -> Libfuse:
     """configure(), and build the vendored libfuse into the venv unless it is there."""
     lf = configure(python)
@@ -166,6 +178,7 @@ def ensure(python: str) -> Libfuse:
         subprocess.run([str(bindir / "meson"), "install", "--quiet", "-C", str(build)],
                        check=True, env=tools_env, stdout=subprocess.DEVNULL)
     pc = lf.prefix / "lib" / "pkgconfig" / "fuse3.pc"
+    _link_archive_by_path(pc)
     got = subprocess.run(["pkg-config", "--modversion", "fuse3"], capture_output=True,
                          text=True, env=dict(os.environ, **lf.env)).stdout.strip()
     if not pc.exists() or got != VERSION:

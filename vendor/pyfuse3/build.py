@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -74,10 +75,14 @@ def build_key(python: str, series: list[Path], libfuse_identity: str) -> str:
     return h.hexdigest()[:16]
 
 
-def installed_build(python: str) -> str:
+def installed_build(python: str, why: bool = False) -> str:
+    """The build key of the installed pyfuse3: '' for a stock one or none; with ``why``,
+    the reason it does not import."""
     probe = "import pyfuse3; print(getattr(pyfuse3, 'OVERLAYFS_PY_BUILD', ''))"
     r = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else ""
+    if r.returncode == 0:
+        return r.stdout.strip()
+    return r.stderr.strip().splitlines()[-1] if why and r.stderr.strip() else ""
 
 
 def apply_patches(src: Path, series: list[Path]) -> None:
@@ -176,10 +181,11 @@ def main() -> None:
     subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "pyfuse3"],
                    check=False, capture_output=True)
     subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheels[0])], check=True)
-    got = installed_build(python)
+    got = installed_build(python, why=True)
     if got != key:
-        sys.exit(f"vendor/pyfuse3: installed pyfuse3 is build {got or 'stock'!r}, "
-                 f"expected {key!r}")
+        shutil.rmtree(cache, ignore_errors=True)     # never keep a wheel that does not work
+        sys.exit(f"vendor/pyfuse3: the installed pyfuse3 is not build {key}: "
+                 f"{got or 'a stock pyfuse3'}")
 
 
 if __name__ == "__main__":
