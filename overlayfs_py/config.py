@@ -65,6 +65,12 @@ FUSE / mount options:
   allow_other, allow_root, default_permissions, fsname=NAME, subtype=NAME,
   rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, async, dirsync
   (relatime, strictatime, diratime, nodiratime, lazytime, context=... are accepted and ignored)
+
+Container images (each with --help):
+  {PROG} image mount SOURCE[:TAG] MOUNTPOINT [--upper DIR --work DIR] [-o OPTIONS]
+  {PROG} image unpack|history SOURCE[:TAG]
+  {PROG} diff UPPER [--image SOURCE[:TAG]]
+  {PROG} commit UPPER --to LAYOUT[:TAG] [--from SOURCE[:TAG]]
 """
 
 

@@ -1,4 +1,5 @@
-"""The image half's Python API: resolve an image, unpack it into the store, plan a mount.
+"""The image half's Python API: resolve an image, unpack it into the store, plan a mount,
+show its history, diff an upper layer, commit it as a new layer.
 
 Everything the command line does is here as a function taking plain arguments; the command
 line (``cmdline.py``) only parses argv and prints. Mounting itself belongs to the daemon's
@@ -11,15 +12,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+from . import commit as _commit
+from . import diff as _diff
 from . import digest as _digest
+from . import history as _history
 from . import reference
-from .errors import NotFound
+from .commit import CommitResult
+from .diff import Change
+from .errors import ImageError, NotFound
+from .history import HistoryEntry, scan_layer_size
 from .manifest import Image, Platform
 from .progress import Progress
 from .source import Source, open_source
-from .store import LayerInfo, Lease, Store
+from .store import LayerInfo, Lease, Store, default_path
 
 StoreArg = Union[None, str, Store]
 
@@ -179,3 +186,79 @@ def prepare_mount(source: str, *, store: StoreArg = None,
         lowers = result.lowers() or [s.empty_dir()]
         options = ("userxattr",) if s.userxattr else ()
         return MountPlan(result, lowers, options, lease)
+
+
+def _existing_store(store: StoreArg) -> Optional[Store]:
+    """The store if it exists (never made just to be read), else None."""
+    if isinstance(store, Store):
+        return store
+    path = store or default_path()
+    if os.path.exists(os.path.join(path, "store.json")):
+        return Store(path)
+    return None
+
+
+def history(source: str, *, store: StoreArg = None,
+            platform: Union[None, str, Platform] = None) -> Tuple[Image, List[HistoryEntry]]:
+    """The image and its history rows, top first (see ``history.py``)."""
+    s = _existing_store(store)
+    try:
+        with open_image(source, store=s, platform=platform) as (image, src, _ref):
+            def size(i: int, layer) -> int:
+                info = s.layer_info(layer.diff_id) if s is not None else None
+                if info is not None:
+                    return info.size
+                with src.open_blob(layer.blob) as f:
+                    return scan_layer_size(f, layer, f"{image.source}: layer {i + 1}")
+            return image, _history.history(image, size)
+    finally:
+        if s is not None and s is not store:
+            s.close()
+
+
+def diff(upper: str, *, lowers: Sequence[str] = (), image: Optional[str] = None,
+         store: StoreArg = None, platform: Union[None, str, Platform] = None,
+         content: bool = False, progress: Optional[Progress] = None) -> List[Change]:
+    """What ``upper`` changed (see ``diff.py``). The lower layers are ``lowers`` (top first)
+    or those of ``image``, unpacked into the store as needed."""
+    if image is not None:
+        if lowers:
+            raise ImageError("give the lower layers either as directories or as an image")
+        lowers = unpack(image, store=store, platform=platform, progress=progress).lowers()
+    return _diff.diff(upper, lowers, content=content)
+
+
+def commit(upper: str, to: str, *, from_image: Optional[str] = None, store: StoreArg = None,
+           platform: Union[None, str, Platform] = None, compression: str = "gzip",
+           created_by: Optional[str] = None, comment: Optional[str] = None,
+           author: Optional[str] = None, source_date_epoch: Optional[str] = None,
+           progress: Optional[Progress] = None) -> CommitResult:
+    """Write ``upper`` as a new layer on ``from_image`` into the layout ``to``
+    (``LAYOUT[:TAG]``); see ``commit.py``. ``source_date_epoch`` defaults to
+    ``$SOURCE_DATE_EPOCH``."""
+    epoch = _commit.source_date_epoch(source_date_epoch)
+    if from_image is None:
+        return _commit.commit(upper, to, compression=compression, created_by=created_by,
+                              comment=comment, author=author, epoch=epoch, progress=progress)
+    ref = reference.parse(from_image)
+    opened: List[Store] = []
+
+    def the_store() -> Store:
+        if isinstance(store, Store):
+            return store
+        if not opened:
+            opened.append(Store(store))
+        return opened[0]
+
+    try:
+        with open_image(from_image, store=the_store() if ref.kind == "store" else None,
+                        platform=platform) as (image, src, _ref):
+            def base_lowers() -> List[str]:
+                return unpack_layers(image, src, the_store(), progress=progress).lowers()
+            return _commit.commit(upper, to, base=image, base_source=src,
+                                  base_lowers=base_lowers, compression=compression,
+                                  created_by=created_by, comment=comment, author=author,
+                                  epoch=epoch, progress=progress)
+    finally:
+        for s in opened:
+            s.close()

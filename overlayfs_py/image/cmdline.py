@@ -110,6 +110,48 @@ def build_parser() -> argparse.ArgumentParser:
     _common(u)
     u.set_defaults(func=cmd_unpack)
 
+    h = isub.add_parser("history", help="how an image was built, top layer first",
+                        description="One row per history entry of the image's config, top "
+                                    "first: the layer's digest, when, the instruction that "
+                                    "made it, and its size unpacked (0 for entries that made "
+                                    "no layer).")
+    h.add_argument("source", metavar="SOURCE[:TAG]")
+    h.add_argument("--json", action="store_true", help="machine-readable output")
+    h.add_argument("--no-trunc", action="store_true", help="do not shorten the columns")
+    _common(h)
+    h.set_defaults(func=cmd_history)
+
+    d = sub.add_parser("diff", help="what an upper layer changed (A, C, D lines)",
+                       description="The changes in UPPER, as docker diff shows them. Give the "
+                                   "lower layers (--lower, top first, or --image) to tell "
+                                   "added from changed paths exactly and, with --content, to "
+                                   "leave out copy-ups that changed nothing.")
+    d.add_argument("upper", metavar="UPPER")
+    d.add_argument("--lower", action="append", default=[], metavar="DIR",
+                   help="a lower layer directory (repeat, top first)")
+    d.add_argument("--image", metavar="SOURCE[:TAG]", help="the image the upper was used on")
+    d.add_argument("--content", action="store_true",
+                   help="only real changes: compare with the lower layers (xxhash of data)")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(d)
+    d.set_defaults(func=cmd_diff)
+
+    c = sub.add_parser("commit", help="write an upper layer as a new image layer",
+                       description="Write UPPER as a new OCI layer on top of the --from "
+                                   "image, with a new config and manifest, into the OCI "
+                                   "layout LAYOUT (made if needed), tagged TAG (default "
+                                   "latest). Deterministic; SOURCE_DATE_EPOCH clamps times.")
+    c.add_argument("upper", metavar="UPPER")
+    c.add_argument("--to", required=True, metavar="LAYOUT[:TAG]")
+    c.add_argument("--from", dest="from_image", metavar="SOURCE[:TAG]",
+                   help="the base image (without it: an image of this one layer)")
+    c.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip")
+    c.add_argument("-m", "--message", help="history comment")
+    c.add_argument("--author", help="author (config and history)")
+    c.add_argument("--created-by", help="history created_by (default: overlayfs-py commit)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(c)
+    c.set_defaults(func=cmd_commit)
     return parser
 
 
@@ -122,6 +164,72 @@ def cmd_unpack(args, mount) -> int:
         _print_json(result.to_json())
     else:
         sys.stdout.write("lowerdir=" + ":".join(result.lowers()) + "\n")
+    return 0
+
+
+def _write_lines(lines) -> None:
+    out = sys.stdout.buffer
+    for line in lines:
+        out.write(os.fsencode(line) + b"\n")
+    out.flush()
+
+
+def cmd_history(args, mount) -> int:
+    from .history import human_size
+    image, rows = api.history(args.source, store=args.store, platform=args.platform)
+    if args.json:
+        _print_json({"image": image.source, "manifest": image.manifest_digest,
+                     "config": image.config_digest, "history": [r.to_json() for r in rows]})
+        return 0
+
+    def cut(text: str, n: int) -> str:
+        text = " ".join(text.split())
+        return text if args.no_trunc or len(text) <= n else text[:n - 3] + "..."
+
+    table = [("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT")]
+    for r in rows:
+        layer = r.digest if args.no_trunc else (r.digest.split(":")[1][:12] if r.digest
+                                                 else "<none>")
+        if r.digest is None:
+            layer = "<none>"
+        created = (r.created or "").replace("T", " ").split(".")[0].rstrip("Z")
+        table.append((layer, created, cut(r.created_by, 45), human_size(r.size),
+                      cut(r.comment, 30)))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    _write_lines("   ".join(col.ljust(w) for col, w in zip(row[:4], widths)) + "   " + row[4]
+                 for row in table)
+    return 0
+
+
+def cmd_diff(args, mount) -> int:
+    changes = api.diff(args.upper, lowers=args.lower, image=args.image, store=args.store,
+                       platform=args.platform, content=args.content,
+                       progress=make_progress(args.quiet))
+    if args.json:
+        _print_json([c.to_json() for c in changes])
+    else:
+        _write_lines(c.line() for c in changes)
+    return 0
+
+
+def cmd_commit(args, mount) -> int:
+    result = api.commit(args.upper, args.to, from_image=args.from_image, store=args.store,
+                        platform=args.platform, compression=args.compression,
+                        created_by=args.created_by, comment=args.message, author=args.author,
+                        progress=make_progress(args.quiet))
+    warn(result.warnings)
+    if args.json:
+        _print_json(result.to_json())
+        return 0
+    from .history import human_size
+    _write_lines([
+        f"layer     {result.layer.digest} ({args.compression}, "
+        f"{human_size(result.layer.size)}, {result.entries} entries)",
+        f"diff_id   {result.diff_id}",
+        f"config    {result.config.digest}",
+        f"manifest  {result.manifest.digest}",
+        f"image     {result.reference}",
+    ])
     return 0
 
 
