@@ -254,3 +254,21 @@ def write_docker_archive(dest, images: Sequence[Tuple[Sequence[str], Sequence[by
             ti.size = len(data)
             t.addfile(ti, io.BytesIO(data))
     return out
+
+
+def need_tool(cmd: str, package: Optional[str] = None) -> str:
+    """The path of ``cmd``, installed with apt-get first if missing (tests/podman/podkit.py);
+    skips the calling test with the reason when that cannot be done."""
+    import shutil
+    import sys as _sys
+    import pytest
+    _sys.path.insert(0, os.path.join(os.path.dirname(__file__), "podman"))
+    import podkit
+    try:
+        podkit.ensure_tools({cmd: package or cmd})
+    except podkit.Unavailable as e:
+        pytest.skip(f"{cmd}: {e}")
+    path = shutil.which(cmd)
+    if path is None:
+        pytest.skip(f"{cmd} is not installed")
+    return path

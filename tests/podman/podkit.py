@@ -81,11 +81,13 @@ def _which(cmd: str) -> Optional[str]:
     return shutil.which(cmd) or shutil.which(cmd, path="/usr/sbin:/sbin:/usr/libexec/podman")
 
 
-def ensure_tools() -> None:
-    """apt-get install whatever of TOOLS is missing; raise Unavailable if that fails."""
+def ensure_tools(tools: Optional[Dict[str, str]] = None) -> None:
+    """apt-get install whatever of ``tools`` (command -> package; default TOOLS) is missing;
+    raise Unavailable if that fails."""
+    tools = TOOLS if tools is None else tools
     if os.geteuid() != 0:
         raise Unavailable("podman test needs root")
-    missing = sorted({pkg for cmd, pkg in TOOLS.items() if not _which(cmd)})
+    missing = sorted({pkg for cmd, pkg in tools.items() if not _which(cmd)})
     if not missing:
         return
     if not shutil.which("apt-get"):
@@ -104,7 +106,7 @@ def ensure_tools() -> None:
     if r.returncode != 0:
         raise Unavailable(f"apt-get cannot install {' '.join(missing)}: "
                           f"{_tail(r.stdout + r.stderr, 5)}")
-    still = sorted(cmd for cmd in TOOLS if not _which(cmd))
+    still = sorted(cmd for cmd in tools if not _which(cmd))
     if still:
         raise Unavailable(f"still missing after apt-get install: {still}")
 
