@@ -22,7 +22,8 @@ PYTEST_ARGS ?=
 # Run apt-get through sudo only when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fuse-overlayfs attr rsync sqlite3 git strace e2fsprogs
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fuse-overlayfs attr rsync sqlite3 git strace e2fsprogs \
+                xfsprogs
 
 .PHONY: setup system-deps kernel-modules bytecode test demo bench bench-quick soak clean
 
@@ -31,7 +32,8 @@ setup: system-deps kernel-modules $(STAMP) bytecode
 # System packages: only touch apt when one of the things we need is missing.
 system-deps:
 	@missing=""; \
-	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync git mkfs.ext4 debugfs; do \
+	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync git mkfs.ext4 debugfs \
+	           mkfs.xfs filefrag; do \
 	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; \
 	done; \
 	if command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists fuse3; then \
@@ -47,6 +49,7 @@ system-deps:
 kernel-modules:
 	@-$(SUDO) modprobe fuse >/dev/null 2>&1 || true
 	@-$(SUDO) modprobe overlay >/dev/null 2>&1 || true
+	@-$(SUDO) modprobe xfs >/dev/null 2>&1 || true    # reflink tests (loop device)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

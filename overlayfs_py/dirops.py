@@ -285,17 +285,49 @@ class Namespace:
             raise
         return result
 
+    def tmpfile(self, parent: Node, uid: int, gid: int, mode: int, umask: int,
+                oflags: int) -> Tuple[Node, int]:
+        """An O_TMPFILE file in the upper copy of ``parent`` (copied up first, as the
+        kernel's overlay does): owned by the caller, umask as for create. It has no name
+        until ``link`` gives it one; until then the node is known by its open fds only."""
+        parent_fd = ensure_upper_dir(self.ov, self.work, parent)
+        if umask and not has_default_acl(parent_fd):
+            mode &= ~umask
+        luid, lgid, _ = self._owner(parent_fd, uid, gid)
+        oflags = (oflags & ~os.O_DIRECTORY) | os.O_TMPFILE
+        with as_user(luid, lgid):
+            fd = os.open(".", oflags, stat.S_IMODE(mode), dir_fd=parent_fd)
+        try:
+            st = os.fstat(fd)
+            node = self.ov.unnamed_node(st)
+        except BaseException:
+            os.close(fd)
+            raise
+        return node, fd
+
     async def link(self, node: Node, new_parent: Node, new_name: bytes) -> Node:
         if node.is_dir:
             raise _err(errno.EPERM)
         self.check_new_name(new_name)
         if new_name in self.ov.index(new_parent):
             raise _err(errno.EEXIST)
-        await self.cu.copy_up(node)
-        src_fd, src_name = self.ov.parent_fd(node, UPPER)
+        if not node.paths:
+            # an O_TMPFILE file (the kernel refuses links to other unlinked files): link
+            # it through one of its open fds, as linkat(AT_EMPTY_PATH) would
+            h = next(iter(node.handles or ()), None)
+            if h is None:
+                raise _err(errno.ENOENT)
+            src_fd, src_name = None, b"/proc/self/fd/%d" % h.fd
+        else:
+            await self.cu.copy_up(node)
+            src_fd, src_name = self.ov.parent_fd(node, UPPER)
 
         def maker(dir_fd: int, name: bytes) -> None:
-            os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            if src_fd is None:
+                os.link(src_name, name, dst_dir_fd=dir_fd, follow_symlinks=True)
+            else:
+                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
 
         parent_fd, over_whiteout, oci = self._prepare_create(new_parent, new_name)
         if over_whiteout:
@@ -309,6 +341,7 @@ class Namespace:
         self.ov.name_changed(new_parent, new_name)
         self.ov.changed(node)
         node.add_path(new_parent, new_name)
+        node.unlinked = False
         if new_parent.kids is not None:
             new_parent.kids[new_name] = node
         return node

@@ -16,7 +16,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import creds, whiteout
+from . import creds, filedata, whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir
 from .dirops import Namespace
@@ -364,6 +364,17 @@ class Operations(pyfuse3.Operations):
         return self._file_info(h), self._entry(node)
 
     @handler
+    async def tmpfile(self, parent_inode, mode, flags, ctx):
+        """open(dir, O_TMPFILE): an unnamed file in the upper copy of the directory, as the
+        kernel's overlay makes it (linkat later names it: see Namespace.link)."""
+        self._need_writable()
+        parent = self._node(parent_inode)
+        node, fd = self.ns.tmpfile(parent, ctx.uid, ctx.gid, mode, self._umask(ctx),
+                                   self._open_flags(flags))
+        h = self.handles.open_file(fd, node, flags, True)
+        return self._file_info(h), self._entry(node)
+
+    @handler
     async def read(self, fh, off, size):
         h = self.handles.files[fh]
         if size < BIG_IO:
@@ -408,6 +419,31 @@ class Operations(pyfuse3.Operations):
         h = self.handles.release_file(fh)
         if h is not None and h.writable:
             self.ov.changed(h.node)
+
+    @handler
+    async def fallocate(self, fh, mode, offset, length):
+        h = self.handles.files[fh]
+        await filedata.fallocate(h.fd, mode, offset, length)
+        self.ov.changed(h.node)
+
+    @handler
+    async def lseek(self, fh, offset, whence):
+        h = self.handles.files[fh]
+        if self.enable_writeback_cache and any(x.writable for x in h.node.handles or ()):
+            # The kernel writes back dirty pages before FALLOCATE and COPY_FILE_RANGE but
+            # not before LSEEK: written data still in its page cache would look like a
+            # hole (or past the end). Have it write them back first (and drop the file's
+            # pages): it sends the writes, which other workers serve meanwhile.
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, h.node.ino)
+        return filedata.seek(h.fd, offset, whence)
+
+    @handler
+    async def copy_file_range(self, fh_in, off_in, fh_out, off_out, length, flags):
+        files = self.handles.files
+        ho = files[fh_out]
+        n = await filedata.copy_range(files[fh_in].fd, off_in, ho.fd, off_out, length)
+        self.ov.changed(ho.node)
+        return n
 
     @handler
     async def fsync(self, fh, datasync):

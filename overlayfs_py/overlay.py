@@ -220,6 +220,13 @@ class Overlay:
         kids[name] = node
         return node
 
+    def unnamed_node(self, st: os.stat_result) -> Node:
+        """A node for an upper file that has no name yet (O_TMPFILE)."""
+        key = (UPPER, st.st_dev, st.st_ino)
+        node = self.table.add(Node(self.table.new_ino(key), None, b"", False, (UPPER,), key))
+        node.unlinked = True
+        return node
+
     def _origin_key(self, parent: Node, name: bytes, st: os.stat_result, occ, layers,
                     is_dir: bool):
         """The object whose number a copied-up object keeps, as the kernel keeps st_ino

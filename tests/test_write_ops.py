@@ -1168,16 +1168,10 @@ def test_unprivileged_caller(ovl):
 
 
 # ---------------------------------------------------------------------------------------------
-# what pyfuse3 cannot forward (documented divergences from the kernel overlay)
+# O_TMPFILE, hole punching and SEEK_DATA/SEEK_HOLE (vendor/pyfuse3 patches 0007-0010; more in
+# test_fileops.py)
 # ---------------------------------------------------------------------------------------------
 
-PYFUSE3_GAP = pytest.mark.xfail(
-    not wk.kernel_mode() and not wk.is_fuse_overlayfs(), strict=True,
-    reason="pyfuse3 3.5 has no tmpfile / fallocate / lseek handlers: the kernel answers "
-           "EOPNOTSUPP (tmpfile, hole punching) or treats the file as dense (SEEK_HOLE)")
-
-
-@PYFUSE3_GAP
 def test_o_tmpfile(ovl):
     o = ovl(BASE)
     fd = os.open(o.p("d"), os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -1190,7 +1184,6 @@ def test_o_tmpfile(ovl):
     assert sorted(os.listdir(o.p("d"))) == ["a", "sub"]
 
 
-@PYFUSE3_GAP
 def test_punch_hole(ovl):
     import ctypes
     o = ovl({"f": b"x" * 10000})
@@ -1207,7 +1200,6 @@ def test_punch_hole(ovl):
         os.close(fd)
 
 
-@PYFUSE3_GAP
 def test_seek_hole_on_sparse_upper_file(ovl):
     o = ovl(BASE)
     fd = os.open(o.p("sparse"), os.O_RDWR | os.O_CREAT, 0o644)
