@@ -1,0 +1,53 @@
+"""Registries: pull and push images over the OCI distribution API (``/v2/``).
+
+Modules, one per concern: ``reference`` (``[HOST[:PORT]/]REPO[:TAG|@DIGEST]`` and its
+defaults), ``auth`` (credentials from podman's and docker's files, ``login``, challenges),
+``client`` (HTTP transport on requests/urllib3: TLS, proxies, retries, resumable blob
+streams, authentication, errors; blob uploads), ``pull`` (registry -> store), ``push``
+(layout -> registry). The store side (``..store``) is the image half's, shared.
+
+Public API::
+
+    pull(reference, store=None, platform=None, options=None, progress=None) -> Pulled
+    push(source, reference, options=None, progress=None) -> Pushed
+    login(host, username, password, authfile=None, options=None) -> str (the file written)
+    logout(host, authfile=None) -> Optional[str]
+    Options(authfile=, username=, password=, insecure=, timeout=, retries=, jobs=, ...)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from . import auth as _auth
+from .client import (AuthError, ConnectError, Options, Registry, RegistryError,
+                     RegistryNotFound, TimeoutError_)
+from .pull import Pulled, pull
+from .push import Pushed, push
+from .reference import RegistryRef
+from .reference import parse as parse_reference
+
+
+def login(host: str, username: str, password: str, *, authfile: Optional[str] = None,
+          options: Optional[Options] = None, check: bool = True) -> str:
+    """Check the credentials against the registry (unless ``check`` is false), then store
+    them for ``host`` in the auth file (see ``auth``); returns the file written."""
+    from .client import check_credentials
+    host = _auth.normalize_key(host).split("/", 1)[0]
+    if check:
+        ref_host = host
+        from .reference import API_HOSTS
+        reg = Registry(ref_host, API_HOSTS.get(ref_host, ref_host), options or Options())
+        try:
+            check_credentials(reg, _auth.Credentials(username, password, "the command line"))
+        finally:
+            reg.close()
+    return _auth.login(host, username, password, authfile)
+
+
+def logout(host: str, *, authfile: Optional[str] = None) -> Optional[str]:
+    return _auth.logout(_auth.normalize_key(host).split("/", 1)[0], authfile)
+
+
+__all__ = ["AuthError", "ConnectError", "Options", "Pulled", "Pushed", "Registry",
+           "RegistryError", "RegistryNotFound", "RegistryRef", "TimeoutError_", "login",
+           "logout", "parse_reference", "pull", "push"]
