@@ -17,6 +17,10 @@ Public API (all also reachable as ``overlayfs_py.image.<name>``)::
     commit(upper, to="LAYOUT[:TAG]", from_image=SOURCE, compression="gzip") -> CommitResult
     Store(path=None)                      the content-addressed store
     parse_reference(text) -> SourceRef
+    pull(reference, store=None, platform=None, options=None, progress=None) -> Pulled
+    push(source, reference, options=None, progress=None) -> Pushed
+    login(host, username, password, authfile=None) -> str
+    listing(store) -> dict; remove_images(names, store=None); prune(store=None) -> Removed
 """
 from .api import (MountPlan, Unpacked, commit, diff, history, open_image, open_store,
                   prepare_mount, resolve, unpack)
@@ -29,7 +33,26 @@ from .manifest import Descriptor, Image, Layer, Platform
 from .progress import make_progress
 from .reference import SourceRef
 from .reference import parse as parse_reference
+from .inventory import Removed, listing, prune, remove_images
 from .store import LayerInfo, Lease, Store, default_path
+
+
+def pull(reference, **kw):
+    """Pull a registry image into the store; see ``registry.pull.pull``."""
+    from .registry import pull as _pull
+    return _pull(reference, **kw)
+
+
+def push(source, reference, **kw):
+    """Push an image (an OCI layout...) to a registry; see ``registry.push.push``."""
+    from .registry import push as _push
+    return _push(source, reference, **kw)
+
+
+def login(host, username, password, **kw):
+    """Check and store registry credentials; see ``registry.login``."""
+    from .registry import login as _login
+    return _login(host, username, password, **kw)
 
 __all__ = [
     "Change", "CommitResult", "HistoryEntry", "commit", "diff", "history",
@@ -37,4 +60,5 @@ __all__ = [
     "Layer", "LayerInfo", "Lease", "MountPlan", "NotFound", "Platform", "SourceRef", "Store",
     "StoreError", "Unpacked", "UnsupportedMediaType", "default_path", "make_progress",
     "open_image", "open_store", "parse_reference", "prepare_mount", "resolve", "unpack",
+    "Removed", "listing", "login", "prune", "pull", "push", "remove_images",
 ]

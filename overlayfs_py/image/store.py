@@ -621,6 +621,14 @@ class StoreSource(Source):
     def _record(self, digest: Optional[str]) -> dict:
         doc = self.store.find_image(self.name, digest)
         if doc is None:
+            # A registry image is recorded under its canonical name (image pull):
+            # "localhost:5000/app" finds "localhost:5000/app:latest", "debian" finds
+            # "docker.io/library/debian:latest".
+            from .registry.reference import normalize
+            alt = normalize(self.name)
+            if alt and alt != self.name:
+                doc = self.store.find_image(alt, digest)
+        if doc is None:
             raise NotFound(f"no image {self.name!r}: not a file or directory, and not in the "
                            f"store {self.store.path}")
         return doc
