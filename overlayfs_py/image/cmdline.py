@@ -152,7 +152,93 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     _common(c)
     c.set_defaults(func=cmd_commit)
+
+    _store_parsers(isub)
+    from .registry.cmdline import add_parsers as registry_parsers
+    registry_parsers(isub, _common)
     return parser
+
+
+def _store_parsers(isub) -> None:
+    """image list / rm / prune (the API is in ``inventory``)."""
+    ls = isub.add_parser("list", aliases=["ls"], help="list stored images and layers",
+                         description="Images recorded in the store (pulled, unpacked, "
+                                     "mounted) and the unpacked layers, with their sizes.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--store", metavar="DIR", help="the store")
+    ls.set_defaults(func=cmd_list)
+    rm = isub.add_parser("rm", aliases=["rmi"], help="remove images from the store",
+                         description="Forget the named images and remove the layers and "
+                                     "blobs no other image uses (never a layer that a live "
+                                     "mount uses).")
+    rm.add_argument("names", nargs="+", metavar="NAME|DIGEST")
+    rm.add_argument("--json", action="store_true", help="machine-readable output")
+    rm.add_argument("--store", metavar="DIR", help="the store")
+    rm.set_defaults(func=cmd_rm)
+    pr = isub.add_parser("prune", help="remove layers and blobs that no image uses",
+                         description="Remove every layer and blob that no stored image uses "
+                                     "(never a layer that a live mount uses).")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--store", metavar="DIR", help="the store")
+    pr.set_defaults(func=cmd_prune)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def cmd_list(args, mount) -> int:
+    from . import inventory
+    with api.open_store(args.store) as s:
+        doc = inventory.listing(s)
+    if args.json:
+        _print_json(doc)
+        return 0
+    out = [f"{'IMAGE':<48} {'MANIFEST':<19} {'LAYERS':>6} {'SIZE':>10}"]
+    for im in doc["images"]:
+        mark = "" if im["complete"] else "  (layers missing)"
+        out.append(f"{im['name']:<48} {im['manifest'][:19]:<19} {im['layers']:>6} "
+                   f"{_size(im['size']):>10}{mark}")
+    out.append("")
+    out.append(f"{'LAYER':<19} {'FORMAT':<6} {'SIZE':>10} {'ENTRIES':>8} {'IMAGES':>6}  IN USE")
+    for l in doc["layers"]:
+        out.append(f"{l['diff_id'][:19]:<19} {l['format']:<6} {_size(l['size']):>10} "
+                   f"{l['entries']:>8} {len(l['images']):>6}  {'yes' if l['in_use'] else 'no'}")
+    out.append("")
+    out.append(f"store {doc['store']}: {len(doc['images'])} images, {len(doc['layers'])} "
+               f"layers, {doc['blobs']['count']} blobs ({_size(doc['blobs']['size'])})")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def _print_removed(removed, as_json: bool) -> None:
+    if as_json:
+        _print_json(removed.to_json())
+        return
+    for name in removed.images:
+        sys.stdout.write(f"removed image {name}\n")
+    sys.stdout.write(f"removed {len(removed.layers)} layers and {len(removed.blobs)} blobs "
+                     f"({_size(removed.freed)})\n")
+    if removed.kept_in_use:
+        sys.stdout.write(f"kept {len(removed.kept_in_use)} layers a live mount uses: "
+                         f"{', '.join(d[:19] for d in removed.kept_in_use)}\n")
+
+
+def cmd_rm(args, mount) -> int:
+    from . import inventory
+    _print_removed(inventory.remove_images(args.names, store=args.store), args.json)
+    return 0
+
+
+def cmd_prune(args, mount) -> int:
+    from . import inventory
+    _print_removed(inventory.prune(store=args.store), args.json)
+    return 0
 
 
 def cmd_unpack(args, mount) -> int:
