@@ -244,13 +244,15 @@ class _Puller:
         what = self._what(i, layer)
         try:
             return self._layer_inner(i, layer, what)
-        except (Cancelled, ImageError):
+        except Cancelled:
             raise
-        except OSError as e:
+        except (OSError, ImageError) as e:
             if _is_enospc(e):
                 raise StoreError(f"store {self.store.path}: disk full while pulling {what}; "
                                  "nothing of the layer was kept") from None
-            raise StoreError(f"{what}: {e.strerror or e}") from None
+            if isinstance(e, OSError):
+                raise StoreError(f"{what}: {e.strerror or e}") from None
+            raise
 
     def _layer_inner(self, i: int, layer: Layer, what: str) -> LayerInfo:
         if self.cancel.is_set():
