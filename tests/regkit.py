@@ -10,6 +10,8 @@ started on 127.0.0.1 with a temporary config and storage, and small HTTP helpers
 * ``Proxy(upstream, flip_blob_byte=N, content_type=...)``: a small HTTP proxy in front of
   the registry that can corrupt blob bodies of N bytes or more (one bit flipped), rewrite the manifest's Content-Type; it also
   serves forward-proxy requests (absolute URIs), counting them, for the ``HTTP_PROXY`` test.
+* ``TokenProxy(upstream, credentials=None)``: a bearer-token front of the registry (a
+  ``/token`` realm, 401 challenges with a scope, tokens checked per repository and action).
 * ``Silent()``: a TCP port that accepts connections and never answers (timeouts).
 """
 from __future__ import annotations
@@ -69,10 +71,12 @@ def htpasswd_file(path: Path, user: str, password: str) -> Path:
 
 
 class RegistryServer:
-    def __init__(self, root: Path, htpasswd: Optional[Path] = None):
+    def __init__(self, root: Path, htpasswd: Optional[Path] = None,
+                 storage: Optional[Path] = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.htpasswd = htpasswd
+        self._storage = storage
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self.log = self.root / "registry.log"
@@ -83,7 +87,8 @@ class RegistryServer:
 
     @property
     def storage(self) -> Path:
-        return self.root / "storage"
+        """(another server's storage may be shared: same images, other auth)"""
+        return self._storage or self.root / "storage"
 
     def _config(self) -> str:
         auth = ""
@@ -303,3 +308,71 @@ def tree(root: Path, skip: Sequence[str] = ()) -> dict:
                         s.st_size if st.S_ISREG(s.st_mode) else 0, extra,
                         None if st.S_ISDIR(s.st_mode) else int(s.st_mtime))
     return out
+
+
+class _TokenHandler(_Handler):
+    """Bearer-token front of a registry: ``/token`` hands out tokens (checking Basic
+    credentials if the proxy has any), everything else needs a token whose scope covers the
+    request, and is relayed to the registry."""
+
+    def _relay(self):
+        srv: "TokenProxy" = self.server.owner                 # type: ignore[attr-defined]
+        u = urllib.parse.urlsplit(self.path)
+        if u.path == "/token":
+            q = urllib.parse.parse_qs(u.query)
+            srv.token_requests.append(q)
+            if srv.credentials is not None:
+                want = "Basic " + __import__("base64").b64encode(
+                    ":".join(srv.credentials).encode()).decode()
+                if self.headers.get("Authorization") != want:
+                    return self._answer(401, b'{"details":"bad credentials"}')
+            scope = q.get("scope", [""])[0]
+            body = ('{"token": "tok %s"}' % scope).encode()
+            return self._answer(200, body)
+        m = re.match(r"^/v2/(.+?)/(manifests|blobs|tags)/", u.path)
+        auth = self.headers.get("Authorization", "")
+        if m:
+            repo = m.group(1)
+            need = "push" if self.command in ("PUT", "POST", "PATCH", "DELETE") else "pull"
+            scope = auth[len("Bearer tok "):] if auth.startswith("Bearer tok ") else ""
+            parts = scope.split(":")
+            ok = len(parts) == 3 and parts[1] == repo and need in parts[2].split(",")
+            if not ok:
+                srv.challenged += 1
+                return self._answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
+                    "WWW-Authenticate": f'Bearer realm="http://{srv.host}/token",'
+                                        f'service="test-registry",'
+                                        f'scope="repository:{repo}:{need}"'})
+        elif u.path in ("/v2/", "/v2") and not auth.startswith("Bearer "):
+            return self._answer(401, b"{}", {
+                "WWW-Authenticate": f'Bearer realm="http://{srv.host}/token",'
+                                    f'service="test-registry"'})
+        return super()._relay()
+
+    def _answer(self, status, body, headers=None):
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _relay
+
+
+class TokenProxy(Proxy):
+    def __init__(self, upstream_port: int, credentials: Optional[tuple] = None):
+        self.upstream_port = upstream_port
+        self.flip_blob_byte = 0
+        self.content_type = None
+        self.corrupted: List[str] = []
+        self.forwarded: List[str] = []
+        self.credentials = credentials
+        self.token_requests: List[dict] = []
+        self.challenged = 0
+        self.server = _Server(("127.0.0.1", 0), _TokenHandler)
+        self.server.owner = self                              # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -295,3 +295,264 @@ def test_rm_and_prune_never_remove_a_layer_a_mount_uses(world, store, tmp_path):
     assert r.returncode == 0, r.stderr
     doc = listing(store)
     assert doc["images"] == [] and doc["layers"] == [] and doc["blobs"]["count"] == 0
+
+
+# --------------------------------------------------------------------------- push
+
+def append_layer(layout: Path, from_tag: str, to_tag: str, upper: Path) -> str:
+    """Stand-in for ``overlayfs-py commit`` (not on main yet): the upper dir (additions and
+    changes only) as one more gzip'ed layer of the image ``from_tag``, tagged ``to_tag``."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == from_tag)
+
+    def blob(d):
+        return (layout / "blobs" / "sha256" / d.split(":")[1])
+
+    def put(data: bytes) -> str:
+        d = "sha256:" + hashlib.sha256(data).hexdigest()
+        blob(d).write_bytes(data)
+        return d
+    manifest = json.loads(blob(desc["digest"]).read_bytes())
+    config = json.loads(blob(manifest["config"]["digest"]).read_bytes())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for p in sorted(upper.rglob("*")):
+            t.add(p, arcname=str(p.relative_to(upper)), recursive=False)
+    tar = buf.getvalue()
+    gz = gzip.compress(tar, mtime=0)
+    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(tar).hexdigest())
+    config.setdefault("history", []).append({"created_by": "test: append_layer"})
+    cbytes = json.dumps(config).encode()
+    manifest["config"] = {"mediaType": manifest["config"]["mediaType"], "digest": put(cbytes),
+                          "size": len(cbytes)}
+    manifest["layers"].append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                               "digest": put(gz), "size": len(gz)})
+    mbytes = json.dumps(manifest).encode()
+    md = put(mbytes)
+    index["manifests"].append({"mediaType": desc["mediaType"], "digest": md,
+                               "size": len(mbytes), "annotations": {
+                                   "org.opencontainers.image.ref.name": to_tag}})
+    (layout / "index.json").write_text(json.dumps(index))
+    return md
+
+
+def test_commit_push_pull_back_by_digest(world, store, tmp_path):
+    reg = world.reg
+    base_ref = world.ref("test/app:1")
+    pull(store, base_ref)
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    upper.mkdir(), work.mkdir(), mnt.mkdir()
+    r = cli("image", "mount", "--store", store, base_ref, mnt, "--upper", upper, "--work", work)
+    assert r.returncode == 0, r.stderr
+    try:
+        (mnt / "srv" / "committed.txt").write_text("committed\n")
+        (mnt / "srv" / "app.txt").write_text("changed\n")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    layout = tmp_path / "layout"
+    regkit.skopeo("copy", "-q", "--src-tls-verify=false", f"docker://{base_ref}",
+                  f"oci:{layout}:base", policy_dir=tmp_path)
+    digest = append_layer(layout, "base", "v2", upper)
+    patches = len(reg.requests("PATCH", "/test/app/blobs/uploads/"))
+    # To the same repository: the image's two layers are there (HEAD), the new layer goes
+    # up in 128-byte chunks (PATCH), as does the config.
+    r = cli("image", "push", f"{layout}:v2", world.ref("test/app:2"), "--chunk-size", "128")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{world.ref('test/app:2')} {digest}: "), r.stdout
+    assert "2 blobs uploaded, 2 already there" in r.stdout, r.stdout
+    assert len(reg.requests("PATCH", "/test/app/blobs/uploads/")) - patches >= 2
+    assert reg.requests("HEAD", "/test/app/blobs/sha256:", 200)
+    # To a new repository: every blob monolithic.
+    r = cli("image", "push", f"{layout}:v2", world.ref("test/fresh:1"), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["digest"] == digest and len(doc["uploaded"]) == 4 and doc["skipped"] == []
+    # skopeo sees the image; we pull it back by digest; podman runs it.
+    ins = json.loads(regkit.skopeo("inspect", "--tls-verify=false",
+                                   f"docker://{reg.host}/test/app@{digest}",
+                                   policy_dir=tmp_path).stdout)
+    assert ins["Digest"] == digest and len(ins["Layers"]) == 3 and "2" in ins["RepoTags"]
+    store2 = tmp_path / "store2"
+    by_digest = f"{reg.host}/test/fresh@{digest}"
+    r = pull(store2, by_digest)
+    assert r.stdout.startswith(f"{by_digest} {digest}: 3 layers"), r.stdout
+    with ImageMount(store2, by_digest, tmp_path / "mnt2") as m2:
+        assert (m2 / "srv" / "committed.txt").read_text() == "committed\n"
+        assert (m2 / "srv" / "app.txt").read_text() == "changed\n"
+    out = world.pod.out("run", "--rm", "--network", "none", "--tls-verify=false",
+                        f"{reg.host}/test/app@{digest}", "cat", "/srv/committed.txt",
+                        "/srv/app.txt", timeout=300)
+    assert out == "committed\nchanged\n"
+
+
+def test_multi_platform_index(world, store, tmp_path):
+    import imagekit
+    from imagekit import F, make_tar
+    lay = imagekit.Layout(tmp_path / "multi")
+    amd = lay.write_image([make_tar([F("arch", "amd64\n")])], tag=None, architecture="amd64")
+    arm = lay.write_image([make_tar([F("arch", "arm64\n")])], tag=None, architecture="arm64")
+    index = lay.write_index([(amd, {"os": "linux", "architecture": "amd64"}),
+                             (arm, {"os": "linux", "architecture": "arm64",
+                                    "variant": "v8"})], tag="multi")
+    r = cli("image", "push", f"{tmp_path / 'multi'}:multi", world.ref("test/multi:1"))
+    assert r.returncode == 0, r.stderr
+    assert index in r.stdout
+    r = pull(store, world.ref("test/multi:1"), "--json")
+    assert json.loads(r.stdout)["manifest"] == amd.manifest      # this machine: linux/amd64
+    r = pull(store, world.ref("test/multi:1"), "--platform", "linux/arm64", "--json")
+    assert json.loads(r.stdout)["manifest"] == arm.manifest
+    with ImageMount(store, world.ref("test/multi:1"), tmp_path / "mnt") as mnt:
+        assert (mnt / "arch").read_text() == "arm64\n"             # the last pull's record
+    r = pull(store, world.ref("test/multi:1"), "--platform", "linux/s390x", check=False)
+    one_line_error(r, "no image for platform linux/s390x")
+
+
+# --------------------------------------------------------------------------- auth
+
+def _auth_env(tmp_path, authfile=None) -> dict:
+    """No credentials but those the test gives: a private HOME and runtime dir."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"),
+           "XDG_CONFIG_HOME": str(home / ".config"), "DOCKER_CONFIG": str(home / ".docker")}
+    env["REGISTRY_AUTH_FILE"] = str(authfile or home / "auth.json")
+    return env
+
+
+def test_htpasswd_basic_auth(world, store, tmp_path):
+    hp = regkit.htpasswd_file(tmp_path / "htpasswd", "alice", "s3cret")
+    sec = regkit.RegistryServer(tmp_path / "secure", htpasswd=hp, storage=world.reg.storage)
+    sec.start()
+    try:
+        ref = f"{sec.host}/test/other:1"
+        authfile = tmp_path / "home" / "auth.json"
+        env = _auth_env(tmp_path, authfile)
+        r = pull(store, ref, check=False, env=env)
+        one_line_error(r, "401 unauthorized")
+        assert "no credentials" in r.stderr and str(authfile) in r.stderr
+        authfile.write_text(json.dumps({"auths": {sec.host: {"auth": __import__("base64")
+                                       .b64encode(b"alice:wrong").decode()}}}))
+        r = pull(store, ref, check=False, env=env)
+        one_line_error(r, "401 unauthorized")
+        assert f"user 'alice' from {authfile}" in r.stderr
+        r = pull(store, ref, "--creds", "alice:nope", check=False, env=env)
+        one_line_error(r, "user 'alice' from the command line")
+        authfile.unlink()
+        r = cli("image", "login", sec.host, "-u", "alice", "--password-stdin",
+                input="wrong\n", env=env)
+        one_line_error(r, "login refused (401)")
+        assert not authfile.exists()
+        r = cli("image", "login", sec.host, "-u", "alice", "--password-stdin",
+                input="s3cret\n", env=env)
+        assert r.returncode == 0 and str(authfile) in r.stdout, r.stderr
+        assert authfile.stat().st_mode & 0o777 == 0o600
+        r = pull(store, ref, env=env)
+        assert "2 layers" in r.stdout
+        r = cli("image", "push", f"oci:{_small_layout(tmp_path)}:small",
+                f"{sec.host}/test/pushed-with-auth:1", env=env)
+        assert r.returncode == 0, r.stderr
+        r = cli("image", "logout", sec.host, env=env)
+        assert r.returncode == 0, r.stderr
+        r = pull(store, ref, check=False, env=env)
+        one_line_error(r, "no credentials")
+    finally:
+        sec.stop()
+
+
+def _small_layout(tmp_path, tag="small", content="small\n") -> Path:
+    import imagekit
+    from imagekit import F, make_tar
+    path = tmp_path / f"layout-{tag}"
+    lay = imagekit.Layout(path)
+    lay.write_image([make_tar([F("small.txt", content + tag)])], tag=tag)
+    return path
+
+
+def test_bearer_token_auth(world, store, tmp_path):
+    env = _auth_env(tmp_path)
+    with regkit.TokenProxy(world.reg.port) as tp:             # anonymous tokens
+        r = pull(store, f"{tp.host}/test/other:1", env=env)
+        assert "2 layers" in r.stdout
+        scopes = [q.get("scope", [""])[0] for q in tp.token_requests]
+        assert "repository:test/other:pull" in scopes and tp.challenged >= 1
+    with regkit.TokenProxy(world.reg.port, credentials=("bob", "pw")) as tp:
+        r = pull(tmp_path / "s2", f"{tp.host}/test/other:1", check=False, env=env)
+        one_line_error(r, "the token server refused (401)")
+        assert "no credentials" in r.stderr
+        r = pull(tmp_path / "s2", f"{tp.host}/test/other:1", "--creds", "bob:pw", env=env)
+        assert "2 layers" in r.stdout
+        r = cli("image", "push", f"{_small_layout(tmp_path)}:small", f"{tp.host}/test/tok:1",
+                "--creds", "bob:pw", env=env)
+        assert r.returncode == 0, r.stderr
+        assert any("push" in q.get("scope", [""])[0] for q in tp.token_requests)
+        r = cli("image", "login", tp.host, "-u", "bob", "--password-stdin", input="bad\n",
+                env=env)
+        one_line_error(r, "login refused (401)")
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_errors_are_one_line_and_store_nothing(world, store, tmp_path):
+    def fails(ref, needle, *extra):
+        r = pull(store, ref, *extra, check=False)
+        one_line_error(r, needle)
+        doc = listing(store)
+        assert doc["images"] == [] and doc["layers"] == [] and doc["blobs"]["count"] == 0
+        assert_store_clean(store)
+        return r
+    fails("nosuch.invalid/test/app:1", "registry nosuch.invalid: unknown host")
+    fails(f"127.0.0.1:{regkit.free_port()}/test/app:1", "connection refused", "--retries", "0")
+    with regkit.Silent() as silent:
+        t0 = time.monotonic()
+        fails(f"127.0.0.1:{silent.port}/test/app:1", "timed out", "--timeout", "0.5",
+              "--retries", "1")
+        assert time.monotonic() - t0 < 30
+    fails(world.ref("test/app:nope"), "no tag 'nope' in repository 'test/app'")
+    with regkit.Proxy(world.reg.port, content_type="application/vnd.docker.distribution"
+                      ".manifest.v1+prettyjws") as proxy:
+        fails(world.ref("test/app:1", proxy.host), "unsupported manifest media type")
+    # 404 for a blob: a small image whose layer blob vanished from the registry's storage
+    layout = _small_layout(tmp_path, "gone", "gone\n")
+    r = cli("image", "push", f"{layout}:gone", world.ref("test/gone:1"), "--json")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((layout / "index.json").read_text())
+    man = json.loads((layout / "blobs" / "sha256" /
+                      index["manifests"][0]["digest"].split(":")[1]).read_text())
+    hexd = man["layers"][0]["digest"].split(":")[1]
+    data = world.reg.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+    data.unlink()
+    fails(world.ref("test/gone:1"), f"blob sha256:{hexd} not found")
+
+
+def test_disk_full_during_a_pull(world, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        store = small / "store"
+        r = pull(store, world.ref("test/app:1"), check=False)
+        one_line_error(r, "disk full while pulling")
+        doc = listing(store)
+        assert doc["images"] == []
+        assert all(l["size"] < (1 << 20) for l in doc["layers"])   # never the big one
+        assert_store_clean(store)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_proxy_from_the_environment(world, store, tmp_path):
+    layout = _small_layout(tmp_path, "viaproxy")
+    r = cli("image", "push", f"{layout}:viaproxy", world.ref("test/viaproxy:1"))
+    assert r.returncode == 0, r.stderr
+    with regkit.Proxy(world.reg.port) as proxy:
+        via = f"http://{proxy.host}"
+        env = {"HTTP_PROXY": via, "HTTPS_PROXY": via, "http_proxy": via, "https_proxy": via,
+               "NO_PROXY": "", "no_proxy": ""}
+        r = pull(store, world.ref("test/viaproxy:1"), env=env)
+        assert any(f"//{world.reg.host}/v2/test/viaproxy/manifests/1" in f
+                   for f in proxy.forwarded), proxy.forwarded
