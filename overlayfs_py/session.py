@@ -29,6 +29,9 @@ SIGNAL_GRACE = 2.0           # ... and then for files still open through the det
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)     # libc is loaded: no ldconfig run (find_library)
+# Set once a signal has detached the mount: the mount point may then hold another mount
+# (a new daemon started at once), which the final close must not unmount.
+_detached = []
 
 
 class MountError(Exception):
@@ -94,12 +97,16 @@ def _detach_and_write_back(mountpoint: str) -> None:
         fd = None
     try:
         if os.geteuid() == 0:
-            if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
+            if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0:
+                _detached.append(mountpoint)
+            else:
                 log.warning("unmount on signal: %s", os.strerror(ctypes.get_errno()))
         else:
             import subprocess        # only here: it costs every start otherwise
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=False)
+            r = subprocess.run(["fusermount3", "-u", "-z", mountpoint],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            if r.returncode == 0:
+                _detached.append(mountpoint)
         if fd is not None and _libc.syncfs(fd) != 0:
             log.warning("write-back on signal: %s", os.strerror(ctypes.get_errno()))
     finally:
@@ -162,7 +169,7 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
             ops.handles.close_all()
             if ops.writable:
                 ops.ns.close()
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not _detached)
     finally:
         ov.close()
         if work is not None:
