@@ -82,6 +82,8 @@ def handler(fn):
             log.exception("internal error in %s%r", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
+            if self.ov.changed_dirs:
+                self._drop_listings()
             if self.ov.pending_invalidations:
                 await self._flush_invalidations(name in _NO_DIR_LOCK)
         if debug:
@@ -168,6 +170,25 @@ class Operations(pyfuse3.Operations):
         attrs = self.ov.node_attrs(node)
         node.nlookup += 1
         return attrs
+
+    def _drop_listings(self) -> None:
+        """Have the kernel drop its cached listing of each directory whose names changed.
+
+        The kernel keeps listings in a directory's page cache (see opendir) and checks them
+        against the directory's change counter and mtime; with many processes changing one
+        directory at once it was seen to serve a listing without a name that the reader had
+        just created itself (soak test: about 100 stale listings a minute with 32 clients in
+        one directory). Dropping the pages before the reply ends that. This is safe inline:
+        a directory has no dirty pages to write back and this takes no directory lock. Only
+        directories we answered a READDIR for since their last change can be cached."""
+        dirs, self.ov.changed_dirs = self.ov.changed_dirs, []
+        if not self.dir_cache:
+            return
+        for ino in dirs:
+            try:
+                pyfuse3.invalidate_inode(ino)
+            except OSError as e:          # ENOENT: the kernel no longer knows the directory
+                log.debug("invalidate_inode %d: %s", ino, e)
 
     async def _flush_invalidations(self, wait: bool) -> None:
         """Make the kernel drop dentries that no longer name the node it has for them (the
@@ -480,6 +501,7 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         node, listing = self._dir_listing(fh, start_id)
         ov = self.ov
+        ov.listed_dirs.add(node.ino)
         if start_id < 2 and not node.unlinked:
             for off, name, target in ((1, b".", node), (2, b"..", node.parent or node)):
                 if start_id >= off:

@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import pyfuse3
 
@@ -68,6 +68,11 @@ class Overlay:
         self.root = root
         self._fds: "OrderedDict[Tuple[int, int], int]" = OrderedDict()
         self.pending_invalidations: List[Tuple[int, bytes]] = []
+        # directories whose listing the kernel may cache (we answered a READDIR for them
+        # since their last change), and those of them whose names changed since: the glue
+        # has the kernel drop those cached listings (Operations._drop_listings)
+        self.listed_dirs: Set[int] = set()
+        self.changed_dirs: List[int] = []
         self.entry_timeout = config.timeout
         self.attr_timeout = config.timeout
         # directories by last use of their listing, oldest first (trim_candidates); kept
@@ -272,6 +277,7 @@ class Overlay:
         if parent.kids is not None:
             parent.kids.pop(name, None)
         parent.attr = None
+        self._listing_changed(parent)
 
     def name_removed(self, parent: Node, name: bytes) -> None:
         """``name`` in ``parent`` shows nothing any more: we deleted it or whited it out.
@@ -281,6 +287,12 @@ class Overlay:
         if parent.kids is not None:
             parent.kids.pop(name, None)
         parent.attr = None
+        self._listing_changed(parent)
+
+    def _listing_changed(self, parent: Node) -> None:
+        if parent.ino in self.listed_dirs:
+            self.listed_dirs.discard(parent.ino)
+            self.changed_dirs.append(parent.ino)
 
     def forget_node(self, node: Node) -> None:
         """The kernel forgot the node: drop what refers to it."""

@@ -584,3 +584,63 @@ def test_30000_open_files(target, tmp_path):
     assert outcome(append, m / "d00/f00000") == "ok"
     assert outcome(create, m / "d29/new") == "ok"
     assert target.alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# load: many processes changing and listing one directory (found by the soak test)
+# ---------------------------------------------------------------------------------------------
+
+LISTER = r'''
+import os, random, sys, time
+d, me, until = sys.argv[1], sys.argv[2], float(sys.argv[3])
+rnd = random.Random(me)
+bad = n = 0
+mine = set()
+while time.time() < until:
+    name = f"{me}_{rnd.randrange(8)}"
+    p = os.path.join(d, name)
+    op = rnd.random()
+    if op < 0.4 and name not in mine:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"x" * rnd.randrange(1, 20000))
+        os.close(fd)
+        mine.add(name)
+    elif op < 0.7 and mine:
+        src = rnd.choice(sorted(mine))
+        if src != name:
+            os.rename(os.path.join(d, src), p)     # (over the target, if it exists)
+            mine.discard(src)
+            mine.add(name)
+    elif mine:
+        victim = rnd.choice(sorted(mine))
+        os.unlink(os.path.join(d, victim))
+        mine.discard(victim)
+    seen = {x for x in os.listdir(d) if x.startswith(me + "_")}
+    if seen != mine:
+        bad += 1
+    n += 1
+print(n, bad, flush=True)
+'''
+
+
+def test_listing_shows_own_changes_while_others_change_the_directory(tmp_path):
+    """Processes that each create and remove their own names in one shared directory and
+    list it after every change must always see their own last change: the kernel's cached
+    listing of the directory must not outlive a change (it did, a few times a second)."""
+    require_fuse()
+    s = wk.Stack(tmp_path, [{"shared/lower": "x"}])
+    with wk.watchdog(tmp_path, 120, "listing test"):
+        with layerkit.fuse_mount(None, s.lowers, s.upper, s.work, s.mnt):
+            until = time.time() + 10
+            procs = [subprocess.Popen([sys.executable, "-c", LISTER, str(s.mnt / "shared"),
+                                       f"p{i}", str(until)], stdout=subprocess.PIPE, text=True)
+                     for i in range(32)]
+            results = []
+            for p in procs:
+                with p.stdout:
+                    results.append([int(x) for x in p.stdout.read().split()])
+                assert p.wait(timeout=60) == 0
+    ops = sum(r[0] for r in results)
+    stale = sum(r[1] for r in results)
+    assert ops > 1000, f"too little done to judge: {ops}"
+    assert stale == 0, f"{stale} of {ops} listings missed the lister's own last change"
