@@ -55,7 +55,8 @@ def _load_run():
     """Import the mount machinery lazily (it pulls in trio and pyfuse3). trio itself is
     deferred until the mount is live (lazyimport): nothing before the mount needs it."""
     from . import lazyimport
-    lazyimport.defer("trio")
+    for name in lazyimport.DAEMON_DEFERRED:
+        lazyimport.defer(name)
     from .session import MountError, run  # noqa: WPS433 (lazy on purpose: after fork)
     return run, MountError
 

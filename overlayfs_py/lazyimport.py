@@ -8,6 +8,11 @@ attribute looked up on it imports the real module and copies its namespace into 
 stand-in, so later lookups are plain module lookups of the same objects. Code that uses
 trio earlier just loads it earlier: correct either way, only slower.
 
+The daemon defers trio, and three modules trio imports for features the daemon never uses
+(TLS streams, DTLS, international host names): ``ssl`` (which maps libssl and libcrypto),
+``hmac`` and ``idna``. Together about 5 MiB of the daemon's resident memory and ~10 ms of
+trio's import.
+
 (``importlib.util.LazyLoader`` cannot do this on Python 3.11: the import statement itself
 reads ``__spec__`` from a module found in ``sys.modules``, and that already triggers the load.)
 """
@@ -17,6 +22,9 @@ import importlib
 import importlib.util
 import sys
 import types
+
+
+DAEMON_DEFERRED = ("trio", "ssl", "hmac", "idna")
 
 
 class _Deferred(types.ModuleType):
