@@ -53,10 +53,21 @@ def merge_listings(listings: Iterable[Tuple[int, Iterable[Tuple[bytes, str]]]]) 
                 state[name] = _DONE
         for name in whiteouts:
             state[name] = _DONE
-    return {name: tuple(occ) for name, occ in found.items()}
+    single = _SINGLE
+    return {name: single.get(occ[0]) or _single(occ[0]) if len(occ) == 1 else tuple(occ)
+            for name, occ in found.items()}
 
 
 _OPEN, _PROBE, _DONE = 0, 1, 2
+
+# Most names occur in one layer: their occurrences are one of a few tuples, ((layer, is_dir),),
+# shared by every such name instead of two tuples per name (~80 bytes of a 50k-name tree's
+# ~1 KiB per name). Occurrences are immutable; an index entry is replaced, never changed.
+_SINGLE: Dict[Tuple[int, bool], Occurrences] = {}
+
+
+def _single(one: Tuple[int, bool]) -> Occurrences:
+    return _SINGLE.setdefault(one, (one,))
 
 
 def cut_at_opaque(occ: Sequence[Tuple[int, bool]], is_opaque: Callable[[int], bool]

@@ -524,6 +524,11 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attrs, off):
                 return
             child.nlookup += 1
+        if self.dir_cache:
+            # The kernel has the whole listing now and keeps it in its page cache until the
+            # directory changes through the mount; if it asks again, ov.listing() sorts the
+            # index again, and offsets (hashes of the names) come out the same.
+            node.listing = None
 
     @handler
     async def releasedir(self, fh):
