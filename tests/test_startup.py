@@ -104,3 +104,20 @@ def test_entry_point_exit_keeps_output_and_status(entry, tmp_path):
     assert bad.returncode == 1, bad
     assert bad.stderr.startswith("overlayfs-py: ") and len(bad.stderr.splitlines()) == 1, bad
 
+
+
+def test_serving_loads_trio_but_not_what_trio_imports_for_tls():
+    # the daemon's deferred set, then what serving uses of trio: run, a thread, a sleep
+    r = _python("""
+        import sys
+        from overlayfs_py import cli, lazyimport
+        cli._load_run()
+        import trio
+        async def main():
+            await trio.to_thread.run_sync(lambda: None)
+            await trio.sleep(0)
+        trio.run(main)
+        print(sorted(m for m in lazyimport.DAEMON_DEFERRED
+                     if type(sys.modules[m]).__name__ == "_Deferred"))
+    """)
+    assert r.stdout.strip() == "['hmac', 'idna', 'ssl']", r.stdout
