@@ -179,12 +179,62 @@ class LayerReader(io.RawIOBase):
     def _fill(self) -> bool:
         if self._eof:
             return False
-        self._buf = self._produce()
+        self._buf = self._next_piece()
         self._pos = 0
         if not self._buf:
             self._eof = True
             return False
         return True
+
+    # -- optional read-ahead: the blob is read, hashed and decompressed in a thread (all of
+    # which release the GIL) while the caller parses and writes what came before
+    def start_prefetch(self, depth: int = 8) -> None:
+        import queue
+        import threading
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+        def run():
+            try:
+                while not self._stop.is_set():
+                    piece = self._produce()
+                    self._put(("data", piece))
+                    if not piece:
+                        return
+            except BaseException as e:          # handed to the reader, raised there
+                self._put(("error", e))
+
+        self._thread = threading.Thread(target=run, name="layer-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _next_piece(self) -> bytes:
+        q = getattr(self, "_queue", None)
+        if q is None:
+            return self._produce()
+        kind, value = q.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the read-ahead thread (if any); the stream itself is the caller's. A thread
+        stuck in a read that never returns (a stalled pipe or network) is left behind (it is
+        a daemon thread and stops at its next step), so Ctrl-C is never held up by it; the
+        sources hand out streams without locks, so closing them does not wait for it."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None and not stop.is_set():
+            stop.set()
+            self._thread.join(timeout=2.0)
+        super().close()
 
     # -- the file-like side (what tarfile uses)
     def readable(self) -> bool:
@@ -270,6 +320,7 @@ class LayerReader(io.RawIOBase):
     def finish(self) -> tuple:
         """Read to the end and check both digests; return (blob digest, diff_id)."""
         self.drain()
+        self.close()
         blob = self._raw.verify()
         diff_id = self.computed_diff_id()
         if self.diff_id is not None and diff_id != self.diff_id:

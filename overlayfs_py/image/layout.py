@@ -121,7 +121,7 @@ class OCILayout(Source):
             raise ImageError(f"{self.path}: blob {desc.digest}: {e.strerror}") from None
         finally:
             os.close(d)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb", buffering=0)      # no lock: see LayerReader.close
 
     def has_blob(self, desc_or_digest) -> bool:
         dg = desc_or_digest if isinstance(desc_or_digest, str) else desc_or_digest.digest

@@ -62,7 +62,7 @@ from .fsutil import (O_DIR, RENAME_NOREPLACE, fsync_quietly, read_file_at, renam
 from .manifest import Descriptor, Image
 from .progress import Progress
 from .source import Source
-from .unpack import Warnings, unpack_tar
+from .unpack import DEFAULT_THREADS, Warnings, unpack_tar
 
 STORE_VERSION = 1
 ENV = "OVERLAYFS_PY_STORE"
@@ -327,7 +327,7 @@ class Store:
             raise NotFound(f"store: blob {dg} is not stored") from None
         finally:
             os.close(d)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb", buffering=0)      # no lock: see LayerReader.close
 
     @contextlib.contextmanager
     def blob_writer(self, expected: str, expected_size: Optional[int] = None):
@@ -421,12 +421,12 @@ class Store:
 
     def unpack_layer(self, stream, *, diff_id: str, media_type: str,
                      blob_digest: Optional[str] = None, blob_size: Optional[int] = None,
-                     oci_markers: bool = False, task=None, what: Optional[str] = None
-                     ) -> LayerInfo:
+                     oci_markers: bool = False, task=None, what: Optional[str] = None,
+                     threads: Optional[int] = None) -> LayerInfo:
         """Unpack the layer blob that ``stream`` yields, verifying its digest (when given)
         and its ``diff_id`` while it streams; atomic. Returns the stored layer (at once,
         without reading, when it is already there). ``media_type`` "auto" sniffs the
-        compression."""
+        compression. ``threads``: writer threads (0: all in this thread; default a few)."""
         algo, hexd = _digest.split(diff_id)
         compression = "auto" if media_type == "auto" else mt.layer_compression(media_type)
         what = what or f"layer {_digest.short(diff_id)}"
@@ -443,10 +443,11 @@ class Store:
                 if info is not None:
                     return info
                 return self._unpack_new(stream, diff_id, compression, media_type, blob_digest,
-                                        blob_size, oci_markers, task, what)
+                                        blob_size, oci_markers, task, what, threads)
 
     def _unpack_new(self, stream, diff_id, compression, media_type, blob_digest, blob_size,
-                    oci_markers, task, what) -> LayerInfo:
+                    oci_markers, task, what, threads) -> LayerInfo:
+        threads = DEFAULT_THREADS if threads is None else threads
         algo, hexd = _digest.split(diff_id)
         with self._tempdir("layer-") as (tmp, name, dfd):
             os.mkdir("root", 0o700, dir_fd=dfd)
@@ -455,10 +456,15 @@ class Store:
             try:
                 reader = LayerReader(stream, compression, blob_digest=blob_digest,
                                      diff_id=diff_id, blob_size=blob_size, what=what)
-                stats = unpack_tar(reader, root, namespace=self.namespace,
-                                   keep_markers=oci_markers, warnings=warnings, task=task,
-                                   what=what)
-                blob, _ = reader.finish()
+                if threads:
+                    reader.start_prefetch()
+                try:
+                    stats = unpack_tar(reader, root, namespace=self.namespace,
+                                       keep_markers=oci_markers, warnings=warnings, task=task,
+                                       what=what, threads=threads)
+                    blob, _ = reader.finish()
+                finally:
+                    reader.close()
                 syncfs(root)
             finally:
                 os.close(root)

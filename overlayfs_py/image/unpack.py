@@ -23,10 +23,17 @@ and a warning says so (``Warnings``); nothing is silently turned into something 
 
 Directory modes and mtimes are applied at the end, deepest first (creating entries changes a
 directory's mtime, and a read-only directory mode would stop a non-root unpack).
+
+Small regular files are written by a few worker threads (``threads``): the main thread
+parses the tar and reads each file's data, a worker creates the file, writes it and sets its
+attributes (system calls that release the GIL). Everything that depends on such a file
+(a later entry of the same name, a hard link to it, removing a directory above it, the final
+directory pass) waits for it first, so the result is the same as a sequential unpack.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import errno
 import os
 import stat
@@ -40,6 +47,10 @@ from .fsutil import O_DIR, proc_path, rmtree_at, write_all
 
 CHUNK = 1 << 20
 MAX_CACHED_DIRS = 128
+POOL_FILE_MAX = 1 << 20           # larger files are written by the main thread, streaming
+POOL_BYTES = 32 << 20             # data held for pending writes, at most
+POOL_JOBS = 512                   # pending writes, at most
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)
 
 _NOPRIV = (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP,
            errno.E2BIG, errno.ERANGE)
@@ -67,6 +78,7 @@ class Warnings:
     def lines(self, prefix: str = "") -> List[str]:
         out = []
         for kind, paths in self.items.items():
+            paths = sorted(paths)                # worker threads add them in any order
             shown = ", ".join(paths[:3]) + (f", ... ({len(paths) - 3} more)"
                                              if len(paths) > 3 else "")
             out.append(f"{prefix}{len(paths)} {_KIND_TEXT.get(kind, kind)}: {shown}")
@@ -99,7 +111,8 @@ class Extractor:
     """Fills the directory held by ``root_fd`` from a tar stream (see the module docstring)."""
 
     def __init__(self, root_fd: int, *, namespace: str, keep_markers: bool = False,
-                 warnings: Optional[Warnings] = None, task=None, what: str = "layer"):
+                 warnings: Optional[Warnings] = None, task=None, what: str = "layer",
+                 threads: int = DEFAULT_THREADS):
         self.root_fd = root_fd
         self.opaque_xattr = ondisk.opaque_xattr(namespace)
         self.keep = keep_markers
@@ -112,6 +125,11 @@ class Extractor:
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.stats = Stats()
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, "unpack") \
+            if threads > 0 else None
+        self.pending: "collections.OrderedDict[Tuple[bytes, ...], _Job]" = \
+            collections.OrderedDict()
+        self.pending_bytes = 0
 
     # ------------------------------------------------------------------ the loop
     def run(self, reader) -> Stats:
@@ -133,12 +151,15 @@ class Extractor:
                 self._trim_cache()
                 try:
                     self.apply(m, reader)
+                except HostileArchive as e:
+                    raise HostileArchive(f"{self.what}: {e}") from None
                 except OSError as e:
                     raise StoreError(f"{self.what}: entry {m.name!r}: "
                                      f"{e.strerror or e}") from None
                 self.stats.entries += 1
                 if self.task is not None:
                     self.task.advance(reader.blob_size, self.stats.entries)
+            self.drain()
             self._check_end(tar, reader)
             self.finish_dirs()
         finally:
@@ -158,18 +179,59 @@ class Extractor:
                               f"{tar.offset}")
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        for job in self.pending.values():
+            job.discard()
+        self.pending.clear()
         for fd in self.cache.values():
             os.close(fd)
         self.cache.clear()
+
+    # ------------------------------------------------------------------ the writers
+    def wait(self, parts: Tuple[bytes, ...]) -> None:
+        """A write of ``parts`` still pending: finish it first."""
+        job = self.pending.pop(parts, None)
+        if job is not None:
+            self._finish(job)
+
+    def _finish(self, job: "_Job") -> None:
+        self.pending_bytes -= len(job.data)
+        try:
+            try:
+                job.future.result()
+            except FileExistsError:
+                # the name was taken (an earlier entry of the same name): redo it here,
+                # where replacing is safe
+                job.discard()
+                fd = self._create_file(job.pfd_main(self), job.parts[-1], job.parts)
+                job.write(fd)
+        except OSError as e:
+            raise StoreError(f"{self.what}: entry {job.shown!r}: {e.strerror or e}") from None
+        finally:
+            job.discard()
+
+    def drain(self) -> None:
+        while self.pending:
+            _, job = self.pending.popitem(last=False)
+            self._finish(job)
+
+    def _throttle(self) -> None:
+        while self.pending and (len(self.pending) > POOL_JOBS or
+                                self.pending_bytes > POOL_BYTES or
+                                next(iter(self.pending.values())).future.done()):
+            _, job = self.pending.popitem(last=False)
+            self._finish(job)
 
     # ------------------------------------------------------------------ names and dirs
     @staticmethod
     def split(raw: bytes, shown: str) -> Tuple[bytes, ...]:
         if raw.startswith(b"/"):
-            raise HostileArchive(f"layer entry {shown!r}: absolute name")
+            raise HostileArchive(f"entry {shown!r}: absolute name")
         parts = tuple(p for p in raw.split(b"/") if p and p != b".")
         if b".." in parts:
-            raise HostileArchive(f"layer entry {shown!r}: '..' in its name")
+            raise HostileArchive(f"entry {shown!r}: '..' in its name")
         return parts
 
     def _trim_cache(self) -> None:
@@ -196,6 +258,7 @@ class Extractor:
             self.cache.move_to_end(parts[:i])
         for j in range(i, len(parts)):
             name = parts[j]
+            self.wait(parts[:j + 1])          # a file still being written may have this name
             try:
                 child = os.open(name, O_DIR, dir_fd=fd)
             except FileNotFoundError:
@@ -210,9 +273,9 @@ class Extractor:
                 where = b"/".join(parts[:j + 1]).decode("utf-8", "surrogateescape")
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
-                    raise HostileArchive(f"layer entry {shown!r} leads through the symlink "
+                    raise HostileArchive(f"entry {shown!r} leads through the symlink "
                                          f"{where!r}") from None
-                raise HostileArchive(f"layer entry {shown!r}: {where!r} is not a "
+                raise HostileArchive(f"entry {shown!r}: {where!r} is not a "
                                      "directory") from None
             self.cache[parts[:j + 1]] = child
             fd = child
@@ -234,6 +297,7 @@ class Extractor:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
+            self.drain()
             self.forget(parts)
             rmtree_at(pfd, name)
         else:
@@ -278,7 +342,7 @@ class Extractor:
         parts = self.split(os.fsencode(m.name), shown)
         if not parts:
             if not m.isdir():
-                raise HostileArchive(f"layer entry {shown!r} would replace the layer's root")
+                raise HostileArchive(f"entry {shown!r} would replace the layer's root")
             self._owner(lambda: os.fchown(self.root_fd, m.uid, m.gid), m, shown)
             self._set_xattrs(self.root_fd, self._xattrs(m, shown), shown)
             self.dirs[()] = (m.mode & 0o7777, _mtime_ns(m))
@@ -287,6 +351,7 @@ class Extractor:
         if not self.keep and name.startswith(ondisk.WH_PREFIX):
             self.marker(m, parts, shown)
             return
+        self.wait(parts)
         pfd = self.dir_fd(parts[:-1], shown)
         if m.isdir():
             self.directory(m, pfd, parts, shown)
@@ -318,9 +383,10 @@ class Extractor:
             return                              # AUFS internals (.wh..wh.plnk ...): skipped
         target = name[len(ondisk.WH_PREFIX):]
         if target in (b"", b".", b".."):
-            raise HostileArchive(f"layer entry {shown!r}: invalid whiteout name")
+            raise HostileArchive(f"entry {shown!r}: invalid whiteout name")
         pfd = self.dir_fd(parts[:-1], shown)
         tparts = parts[:-1] + (target,)
+        self.wait(tparts)
         try:
             os.mknod(target, ondisk.WHITEOUT_MODE, ondisk.WHITEOUT_DEV, dir_fd=pfd)
         except FileExistsError:
@@ -332,6 +398,8 @@ class Extractor:
             except OSError as e:
                 if e.errno not in _NOPRIV:
                     raise
+        ns = _mtime_ns(m)                      # the marker's time: the same tree every time
+        os.utime(target, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
         self.stats.whiteouts += 1
 
     def directory(self, m, pfd, parts, shown) -> None:
@@ -356,6 +424,22 @@ class Extractor:
             return os.open(name, flags, 0o600, dir_fd=pfd)
 
     def regular(self, m, pfd, parts, shown, reader) -> None:
+        if self.pool is not None and m.size <= POOL_FILE_MAX:
+            data = b""
+            if m.size:
+                reader.seek(m.offset_data)
+                data = reader.read(m.size)
+                if len(data) != m.size:
+                    raise CorruptData(f"{self.what}: truncated tar (in the data of "
+                                      f"{shown!r})")
+            job = _Job(self, m, parts, shown, data, os.dup(pfd))
+            job.future = self.pool.submit(job.run)
+            self.pending[parts] = job
+            self.pending_bytes += len(data)
+            self.stats.files += 1
+            self.stats.bytes += m.size
+            self._throttle()
+            return
         fd = self._create_file(pfd, parts[-1], parts)
         try:
             if m.size:
@@ -368,23 +452,27 @@ class Extractor:
                                           f"{shown!r})")
                     write_all(fd, chunk)
                     remaining -= len(chunk)
-            self._owner(lambda: os.fchown(fd, m.uid, m.gid), m, shown)
-            os.fchmod(fd, m.mode & 0o7777)
-            self._set_xattrs(fd, self._xattrs(m, shown), shown)   # after chown: it clears
-            ns = _mtime_ns(m)                                      # security.capability
-            os.utime(fd, ns=(ns, ns))
+            self.file_attrs(fd, m, shown)
         finally:
             os.close(fd)
         self.stats.files += 1
         self.stats.bytes += m.size
 
+    def file_attrs(self, fd: int, m, shown: str) -> None:
+        self._owner(lambda: os.fchown(fd, m.uid, m.gid), m, shown)
+        os.fchmod(fd, m.mode & 0o7777)
+        self._set_xattrs(fd, self._xattrs(m, shown), shown)   # after chown: it clears
+        ns = _mtime_ns(m)                                      # security.capability
+        os.utime(fd, ns=(ns, ns))
+
     def hardlink(self, m, pfd, parts, shown) -> None:
         target_raw = os.fsencode(m.linkname)
         tparts = self.split(target_raw, m.linkname)
-        outside = HostileArchive(f"layer entry {shown!r}: hard link to {m.linkname!r}, which "
+        outside = HostileArchive(f"entry {shown!r}: hard link to {m.linkname!r}, which "
                                  "is not an earlier entry of this layer")
         if not tparts:
             raise outside
+        self.wait(tparts)
         try:
             tfd = self.dir_fd(tparts[:-1], shown, create=False)
             st = os.stat(tparts[-1], dir_fd=tfd, follow_symlinks=False)
@@ -393,7 +481,7 @@ class Extractor:
         except NotADirectoryError:
             raise outside from None
         if stat.S_ISDIR(st.st_mode):
-            raise HostileArchive(f"layer entry {shown!r}: hard link to the directory "
+            raise HostileArchive(f"entry {shown!r}: hard link to the directory "
                                  f"{m.linkname!r}")
         name = parts[-1]
         try:
@@ -475,8 +563,41 @@ class Extractor:
             os.utime(self.root_fd, ns=(root[1], root[1]))
 
 
+class _Job:
+    """One small regular file, written by a worker thread into a dup of its parent's fd."""
+
+    __slots__ = ("ex", "m", "parts", "shown", "data", "pfd", "future")
+
+    def __init__(self, ex: Extractor, m, parts, shown, data: bytes, pfd: int):
+        self.ex, self.m, self.parts, self.shown, self.data, self.pfd = \
+            ex, m, parts, shown, data, pfd
+        self.future = None
+
+    def run(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.parts[-1], flags, 0o600, dir_fd=self.pfd)   # EEXIST: see _finish
+        self.write(fd)
+
+    def write(self, fd: int) -> None:
+        try:
+            if self.data:
+                write_all(fd, self.data)
+            self.ex.file_attrs(fd, self.m, self.shown)
+        finally:
+            os.close(fd)
+
+    def pfd_main(self, ex: Extractor) -> int:
+        return ex.dir_fd(self.parts[:-1], self.shown)
+
+    def discard(self) -> None:
+        if self.pfd >= 0:
+            os.close(self.pfd)
+            self.pfd = -1
+
+
 def unpack_tar(reader, root_fd: int, *, namespace: str, keep_markers: bool = False,
-               warnings: Optional[Warnings] = None, task=None, what: str = "layer") -> Stats:
+               warnings: Optional[Warnings] = None, task=None, what: str = "layer",
+               threads: int = DEFAULT_THREADS) -> Stats:
     """Extract the tar that ``reader`` yields into the empty directory ``root_fd``."""
     return Extractor(root_fd, namespace=namespace, keep_markers=keep_markers,
-                     warnings=warnings, task=task, what=what).run(reader)
+                     warnings=warnings, task=task, what=what, threads=threads).run(reader)
