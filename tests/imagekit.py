@@ -201,6 +201,24 @@ class Layout:
                       "size": len(mbytes)}, tag)
         return Built(md, cd, blobs, ids, mbytes, cbytes)
 
+    def write_raw_layer_image(self, blob: bytes, media_type: str, diff_id: str,
+                              tag: str = "t") -> Built:
+        """An image of one layer given as its blob's bytes, media type and diff_id (for
+        layers that are damaged on purpose)."""
+        d = self.blob(blob)
+        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+        cd = self.blob(config)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd,
+                       "size": len(config)},
+            "layers": [{"mediaType": media_type, "digest": d, "size": len(blob)}]}).encode()
+        md = self.blob(manifest)
+        self.add({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md,
+                  "size": len(manifest)}, tag)
+        return Built(md, cd, [d], [diff_id], manifest, config)
+
     def write_index(self, manifests: List[Tuple[Built, dict]], tag: Optional[str]) -> str:
         """A multi-platform index of already written manifests; returns its digest."""
         idx = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
