@@ -9,12 +9,12 @@ layer's tar (headers only, the blob verified against its digests as it streams).
 from __future__ import annotations
 
 import dataclasses
-import tarfile
 from typing import Callable, List, Optional
 
 from .compression import LayerReader
 from .errors import CorruptData
 from .manifest import Image, Layer
+from .tarstream import members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,18 +36,13 @@ def scan_layer_size(stream, layer: Layer, what: str) -> int:
     """Bytes of file data in a layer blob, read (and verified) without unpacking it."""
     reader = LayerReader(stream, layer.compression, blob_digest=layer.blob.digest,
                          diff_id=layer.diff_id, blob_size=layer.blob.size, what=what)
+    size = 0
     try:
-        tar = tarfile.open(fileobj=reader, mode="r:")
-        size = 0
-        while True:
-            m = tar.next()
-            if m is None:
-                break
-            tar.members.clear()
+        for m in members(reader):
             if m.isreg():
                 size += m.size
-    except tarfile.TarError as e:
-        raise CorruptData(f"{what}: corrupt tar ({e})") from None
+    except CorruptData as e:
+        raise CorruptData(f"{what}: {e}") from None
     reader.finish()
     return size
 

@@ -37,11 +37,10 @@ import concurrent.futures
 import errno
 import os
 import stat
-import tarfile
-from decimal import Decimal, InvalidOperation
 from typing import Dict, List, Optional, Tuple
 
 from . import ondisk
+from .tarstream import Member, members, mtime_ns
 from .errors import CorruptData, HostileArchive, StoreError
 from .fsutil import O_DIR, proc_path, rmtree_at, write_all
 
@@ -97,16 +96,6 @@ class Stats:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
-    s = m.pax_headers.get("mtime")
-    if s:
-        try:
-            return int(Decimal(s) * 1_000_000_000)
-        except (InvalidOperation, ValueError):
-            pass
-    return int(m.mtime) * 1_000_000_000
-
-
 class Extractor:
     """Fills the directory held by ``root_fd`` from a tar stream (see the module docstring)."""
 
@@ -134,49 +123,34 @@ class Extractor:
     # ------------------------------------------------------------------ the loop
     def run(self, reader) -> Stats:
         try:
-            tar = tarfile.open(fileobj=reader, mode="r:")
-        except tarfile.ReadError as e:
-            raise CorruptData(f"{self.what}: not a tar archive ({e})") from None
-        except tarfile.TarError as e:
-            raise CorruptData(f"{self.what}: corrupt tar ({e})") from None
-        try:
-            while True:
-                try:
-                    m = tar.next()
-                except tarfile.TarError as e:
-                    raise CorruptData(f"{self.what}: corrupt tar ({e})") from None
-                if m is None:
-                    break
-                tar.members.clear()          # we never look back: keep memory flat
-                self._trim_cache()
-                try:
-                    self.apply(m, reader)
-                except HostileArchive as e:
-                    raise HostileArchive(f"{self.what}: {e}") from None
-                except OSError as e:
-                    raise StoreError(f"{self.what}: entry {m.name!r}: "
-                                     f"{e.strerror or e}") from None
-                self.stats.entries += 1
-                if self.task is not None:
-                    self.task.advance(reader.blob_size, self.stats.entries)
+            first = True
+            try:
+                for m in members(reader):
+                    first = False
+                    self._trim_cache()
+                    try:
+                        self.apply(m, reader)
+                    except HostileArchive as e:
+                        raise HostileArchive(f"{self.what}: {e}") from None
+                    except CorruptData as e:
+                        raise CorruptData(f"{self.what}: {e}") from None
+                    except OSError as e:
+                        raise StoreError(f"{self.what}: entry {m.shown!r}: "
+                                         f"{e.strerror or e}") from None
+                    self.stats.entries += 1
+                    if self.task is not None:
+                        self.task.advance(reader.blob_size, self.stats.entries)
+            except CorruptData as e:
+                if str(e).startswith(self.what):
+                    raise
+                if first:
+                    raise CorruptData(f"{self.what}: not a tar archive ({e})") from None
+                raise CorruptData(f"{self.what}: {e}") from None
             self.drain()
-            self._check_end(tar, reader)
             self.finish_dirs()
         finally:
             self.close()
         return self.stats
-
-    def _check_end(self, tar: tarfile.TarFile, reader) -> None:
-        """tarfile ends quietly on a truncated or invalid header: tell those from the real end
-        (a zero block)."""
-        block = getattr(reader, "last_block", None)
-        if block is None:
-            return
-        if len(block) < tarfile.BLOCKSIZE:
-            raise CorruptData(f"{self.what}: truncated tar (no end-of-archive marker)")
-        if block.count(0) != len(block):
-            raise CorruptData(f"{self.what}: corrupt tar: invalid header at offset "
-                              f"{tar.offset}")
 
     def close(self) -> None:
         if self.pool is not None:
@@ -227,6 +201,7 @@ class Extractor:
     # ------------------------------------------------------------------ names and dirs
     @staticmethod
     def split(raw: bytes, shown: str) -> Tuple[bytes, ...]:
+        """A member name -> its components; refuses absolute names and '..'."""
         if raw.startswith(b"/"):
             raise HostileArchive(f"entry {shown!r}: absolute name")
         parts = tuple(p for p in raw.split(b"/") if p and p != b".")
@@ -305,7 +280,7 @@ class Extractor:
         return False
 
     # ------------------------------------------------------------------ attributes
-    def _owner(self, do, m: tarfile.TarInfo, shown: str) -> None:
+    def _owner(self, do, m: Member, shown: str) -> None:
         if m.uid == self.euid and m.gid == self.egid:
             return
         try:
@@ -315,16 +290,15 @@ class Extractor:
                 raise
             self.warnings.add("owner", shown, f"{m.uid}:{m.gid}")
 
-    def _xattrs(self, m: tarfile.TarInfo, shown: str) -> List[Tuple[str, bytes]]:
+    def _xattrs(self, m: Member, shown: str) -> List[Tuple[str, bytes]]:
+        if not m.xattrs:
+            return m.xattrs
         out = []
-        for key, value in m.pax_headers.items():
-            if not key.startswith("SCHILY.xattr."):
-                continue
-            name = key[len("SCHILY.xattr."):]
+        for name, value in m.xattrs:
             if ondisk.is_private_xattr(name):
                 self.warnings.add("overlay-xattr", shown, name)
                 continue
-            out.append((name, value.encode("utf-8", "surrogateescape")))
+            out.append((name, value))
         return out
 
     def _set_xattrs(self, target, pairs, shown: str, follow: bool = True) -> None:
@@ -337,15 +311,15 @@ class Extractor:
                 self.warnings.add("xattr", shown, f"{name}: {e.strerror}")
 
     # ------------------------------------------------------------------ entries
-    def apply(self, m: tarfile.TarInfo, reader) -> None:
-        shown = m.name
-        parts = self.split(os.fsencode(m.name), shown)
+    def apply(self, m: Member, reader) -> None:
+        shown = m.shown
+        parts = self.split(m.name, shown)
         if not parts:
             if not m.isdir():
                 raise HostileArchive(f"entry {shown!r} would replace the layer's root")
             self._owner(lambda: os.fchown(self.root_fd, m.uid, m.gid), m, shown)
             self._set_xattrs(self.root_fd, self._xattrs(m, shown), shown)
-            self.dirs[()] = (m.mode & 0o7777, _mtime_ns(m))
+            self.dirs[()] = (m.mode & 0o7777, mtime_ns(m))
             return
         name = parts[-1]
         if not self.keep and name.startswith(ondisk.WH_PREFIX):
@@ -356,8 +330,7 @@ class Extractor:
         if m.isdir():
             self.directory(m, pfd, parts, shown)
         elif m.issparse():
-            raise CorruptData(f"{self.what}: entry {shown!r} is a sparse file (not allowed in "
-                              "OCI layers)")
+            raise CorruptData(f"entry {shown!r} is a sparse file (not allowed in OCI layers)")
         elif m.isreg():
             self.regular(m, pfd, parts, shown, reader)
         elif m.islnk():
@@ -369,10 +342,9 @@ class Extractor:
         elif m.isfifo():
             self.fifo(m, pfd, parts, shown)
         else:
-            raise CorruptData(f"{self.what}: entry {shown!r} has an unsupported tar type "
-                              f"{m.type!r}")
+            raise CorruptData(f"entry {shown!r} has an unsupported tar type {m.type!r}")
 
-    def marker(self, m: tarfile.TarInfo, parts: Tuple[bytes, ...], shown: str) -> None:
+    def marker(self, m: Member, parts: Tuple[bytes, ...], shown: str) -> None:
         name = parts[-1]
         if name == ondisk.OPAQUE_MARKER:
             dfd = self.dir_fd(parts[:-1], shown)
@@ -398,7 +370,7 @@ class Extractor:
             except OSError as e:
                 if e.errno not in _NOPRIV:
                     raise
-        ns = _mtime_ns(m)                      # the marker's time: the same tree every time
+        ns = mtime_ns(m)                      # the marker's time: the same tree every time
         os.utime(target, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
         self.stats.whiteouts += 1
 
@@ -412,7 +384,7 @@ class Extractor:
         fd = self.dir_fd(parts, shown)
         self._owner(lambda: os.fchown(fd, m.uid, m.gid), m, shown)
         self._set_xattrs(fd, self._xattrs(m, shown), shown)
-        self.dirs[parts] = (m.mode & 0o7777, _mtime_ns(m))
+        self.dirs[parts] = (m.mode & 0o7777, mtime_ns(m))
         self.stats.dirs += 1
 
     def _create_file(self, pfd, name, parts) -> int:
@@ -430,8 +402,7 @@ class Extractor:
                 reader.seek(m.offset_data)
                 data = reader.read(m.size)
                 if len(data) != m.size:
-                    raise CorruptData(f"{self.what}: truncated tar (in the data of "
-                                      f"{shown!r})")
+                    raise CorruptData(f"truncated tar (in the data of {shown!r})")
             job = _Job(self, m, parts, shown, data, os.dup(pfd))
             job.future = self.pool.submit(job.run)
             self.pending[parts] = job
@@ -448,8 +419,7 @@ class Extractor:
                 while remaining:
                     chunk = reader.read(min(remaining, CHUNK))
                     if not chunk:
-                        raise CorruptData(f"{self.what}: truncated tar (in the data of "
-                                          f"{shown!r})")
+                        raise CorruptData(f"truncated tar (in the data of {shown!r})")
                     write_all(fd, chunk)
                     remaining -= len(chunk)
             self.file_attrs(fd, m, shown)
@@ -462,13 +432,13 @@ class Extractor:
         self._owner(lambda: os.fchown(fd, m.uid, m.gid), m, shown)
         os.fchmod(fd, m.mode & 0o7777)
         self._set_xattrs(fd, self._xattrs(m, shown), shown)   # after chown: it clears
-        ns = _mtime_ns(m)                                      # security.capability
+        ns = mtime_ns(m)                                      # security.capability
         os.utime(fd, ns=(ns, ns))
 
     def hardlink(self, m, pfd, parts, shown) -> None:
-        target_raw = os.fsencode(m.linkname)
-        tparts = self.split(target_raw, m.linkname)
-        outside = HostileArchive(f"entry {shown!r}: hard link to {m.linkname!r}, which "
+        link_shown = m.linkname.decode("utf-8", "surrogateescape")
+        tparts = self.split(m.linkname, link_shown)
+        outside = HostileArchive(f"entry {shown!r}: hard link to {link_shown!r}, which "
                                  "is not an earlier entry of this layer")
         if not tparts:
             raise outside
@@ -482,7 +452,7 @@ class Extractor:
             raise outside from None
         if stat.S_ISDIR(st.st_mode):
             raise HostileArchive(f"entry {shown!r}: hard link to the directory "
-                                 f"{m.linkname!r}")
+                                 f"{link_shown!r}")
         name = parts[-1]
         try:
             os.link(tparts[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -505,12 +475,12 @@ class Extractor:
         pairs = self._xattrs(m, shown)
         if pairs:
             self._set_xattrs(proc_path(pfd, name), pairs, shown, follow=False)
-        ns = _mtime_ns(m)
+        ns = mtime_ns(m)
         os.utime(name, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
 
     def symlink(self, m, pfd, parts, shown) -> None:
         name = parts[-1]
-        target = os.fsencode(m.linkname)
+        target = m.linkname
         try:
             os.symlink(target, name, dir_fd=pfd)
         except FileExistsError:
