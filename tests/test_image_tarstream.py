@@ -114,3 +114,30 @@ def test_refuses_what_tarfile_lets_pass(cut, needle):
         r = LayerReader(io.BytesIO(data), "none", blob_digest=None, diff_id=None)
         for m in members(r):
             r.read(m.size)
+
+
+def test_written_headers_read_back_by_tarfile_and_by_us():
+    from overlayfs_py.image.tarstream import header
+    cases = [
+        (b"etc/motd", b"0", dict(mode=0o4755, uid=1, gid=2, size=3, mtime=1_700_000_000)),
+        (b"x" * 150, b"2", dict(linkname=b"y" * 300)),                 # PAX path, linkpath
+        (b"d" * 90 + b"/" + b"e" * 90, b"0", dict(size=0)),             # ustar prefix
+        (b"big", b"0", dict(uid=3_000_000, gid=2 ** 33, size=5)),       # PAX numbers
+        (b"n\xff\xfe", b"0", dict(xattrs=[("security.capability", b"\x01\xff"),
+                                          ("user.t", b"v")])),        # bytes names/values
+        (b"dev", b"3", dict(devmajor=1, devminor=3)),
+        (b"dir/", b"5", dict(mode=0o1777)),
+    ]
+    data = b""
+    for name, type_, kw in cases:
+        data += header(name, type_, **kw)
+        size = kw.get("size", 0)
+        data += b"z" * size + bytes(-size % 512)
+    data += bytes(1024)
+    ours = _ours(data)
+    theirs = _theirs(data)
+    assert _norm(ours) == _norm(theirs)
+    assert [r[0] for r in ours] == [c[0] for c in cases]
+    assert ours[3][3:5] == (3_000_000, 2 ** 33)
+    assert ours[4][10] == [("security.capability", b"\x01\xff"), ("user.t", b"v")]
+    assert header(b"a", b"0", size=1) == header(b"a", b"0", size=1)   # deterministic

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import stat
-import tarfile
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -39,6 +38,7 @@ from .fsutil import O_DIR, proc_path
 from .layout import OCILayout
 from .manifest import Descriptor, Image, Platform
 from .progress import Progress, Task
+from .tarstream import BLOCK, header
 from .tree import Dir, Entry, LowerView, Parts, show, walk_upper
 
 FLUSH = 1 << 20
@@ -95,12 +95,13 @@ class TarWriter:
             self.out.write(bytes(self.buf))
             self.buf.clear()
 
-    def add(self, ti: tarfile.TarInfo, fd: Optional[int] = None, what: str = "") -> None:
-        self._put(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    def add(self, hdr: bytes, fd: Optional[int] = None, size: int = 0,
+            what: str = "") -> None:
+        self._put(hdr)
         self.entries += 1
-        if fd is None or not ti.size:
+        if fd is None or not size:
             return
-        left = ti.size
+        left = size
         while left:
             chunk = os.read(fd, min(left, FLUSH))
             if not chunk:
@@ -109,13 +110,13 @@ class TarWriter:
             left -= len(chunk)
         if os.read(fd, 1):
             raise ImageError(f"{what}: the file grew while it was committed")
-        self.bytes += ti.size
-        pad = -ti.size % tarfile.BLOCKSIZE
+        self.bytes += size
+        pad = -size % BLOCK
         if pad:
-            self._put(b"\0" * pad)
+            self._put(bytes(pad))
 
     def close(self) -> None:
-        self._put(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._put(bytes(2 * BLOCK))
         if self.buf:
             self.out.write(bytes(self.buf))
             self.buf.clear()
@@ -135,38 +136,21 @@ class _LayerBuilder:
         t = int(st.st_mtime)
         return min(t, self.clamp) if self.clamp is not None else t
 
-    @staticmethod
-    def _name(parts: Parts) -> str:
-        return b"/".join(parts).decode("utf-8", "surrogateescape")
+    def _marker(self, parts: Parts, d: Dir) -> None:
+        """An empty regular file, mode 0600, owned by root, with the directory's mtime."""
+        self.tw.add(header(b"/".join(parts), b"0", mode=0o600, mtime=self._mtime(d.st)))
 
-    def _info(self, parts: Parts, st: os.stat_result, type_) -> tarfile.TarInfo:
-        ti = tarfile.TarInfo(self._name(parts))
-        ti.type = type_
-        ti.mode = stat.S_IMODE(st.st_mode)
-        ti.uid, ti.gid = st.st_uid, st.st_gid
-        ti.uname = ti.gname = ""
-        ti.mtime = self._mtime(st)
-        return ti
-
-    def _marker(self, parts: Parts, d: Dir, mode: int) -> None:
-        ti = tarfile.TarInfo(self._name(parts))
-        ti.type = tarfile.REGTYPE
-        ti.mode = mode
-        ti.uid = ti.gid = 0
-        ti.uname = ti.gname = ""
-        ti.mtime = self._mtime(d.st)
-        self.tw.add(ti)
-
-    def _xattrs(self, d: Dir, e: Entry) -> dict:
-        out = {}
-        for n in sorted(e.xattrs):
+    def _xattrs(self, target, names) -> list:
+        out = []
+        for n in sorted(names):
             if ondisk.is_private_xattr(n):
                 continue
             try:
-                v = os.getxattr(proc_path(d.fd, e.name), n, follow_symlinks=False)
+                v = os.getxattr(target, n, follow_symlinks=False) if not isinstance(
+                    target, int) else os.getxattr(target, n)
             except OSError:
                 continue
-            out[f"SCHILY.xattr.{n}"] = v.decode("utf-8", "surrogateescape")
+            out.append((n, v))
         return out
 
     def run(self, root_fd: int) -> None:
@@ -175,50 +159,57 @@ class _LayerBuilder:
                 raise ImageError(f"{show(d.parts)}: a redirected directory (redirect_dir=on) "
                                  "cannot be committed from the upper layer alone")
             if d.opaque and d.parts:
-                self._marker(d.parts + (ondisk.OPAQUE_MARKER,), d, 0o600)
+                self._marker(d.parts + (ondisk.OPAQUE_MARKER,), d)
             for name in d.whiteouts:
-                self._marker(d.parts + (ondisk.WH_PREFIX + name,), d, 0o600)
+                self._marker(d.parts + (ondisk.WH_PREFIX + name,), d)
             for e in d.entries:
                 self.entry(d, e)
                 self.task.advance(self.tw.bytes, self.tw.entries)
 
     def entry(self, d: Dir, e: Entry) -> None:
         parts = d.parts + (e.name,)
+        name = b"/".join(parts)
         st = e.st
         fmt = stat.S_IFMT(st.st_mode)
+        common = dict(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                      mtime=self._mtime(st))
+        if fmt == stat.S_IFREG:
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                first = self.links.get(key)
+                if first is not None:
+                    self.tw.add(header(name, b"1", linkname=first, **common))
+                    return
+                self.links[key] = name
+            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
+            try:
+                names = os.listxattr(fd)
+                xattrs = self._xattrs(fd, names) if names else []
+                if any(n in names for n in ondisk.METACOPY_XATTRS):
+                    os.close(fd)
+                    fd = -1
+                    fd = self._lower_data(parts)
+                self.tw.add(header(name, b"0", size=st.st_size, xattrs=xattrs, **common),
+                            fd, st.st_size, show(parts))
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            return
         if fmt == stat.S_IFSOCK:
             self.warnings.append(f"{show(parts)}: a socket; left out (tar cannot hold one)")
             return
-        if fmt == stat.S_IFREG and st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            first = self.links.get(key)
-            if first is not None:
-                ti = self._info(parts, st, tarfile.LNKTYPE)
-                ti.linkname = first
-                self.tw.add(ti)
-                return
-            self.links[key] = self._name(parts)
-        type_ = {stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE,
-                 stat.S_IFLNK: tarfile.SYMTYPE, stat.S_IFCHR: tarfile.CHRTYPE,
-                 stat.S_IFBLK: tarfile.BLKTYPE, stat.S_IFIFO: tarfile.FIFOTYPE}[fmt]
-        ti = self._info(parts, st, type_)
-        ti.pax_headers = self._xattrs(d, e)
-        if fmt == stat.S_IFLNK:
-            ti.linkname = os.fsdecode(os.readlink(e.name, dir_fd=d.fd))
+        xattrs = self._xattrs(proc_path(d.fd, e.name), e.xattrs)
+        if fmt == stat.S_IFDIR:
+            self.tw.add(header(name + b"/", b"5", xattrs=xattrs, **common))
+        elif fmt == stat.S_IFLNK:
+            self.tw.add(header(name, b"2", linkname=os.readlink(e.name, dir_fd=d.fd),
+                               xattrs=xattrs, **common))
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        if fmt != stat.S_IFREG:
-            self.tw.add(ti)
-            return
-        ti.size = st.st_size
-        if e.has(ondisk.METACOPY_XATTRS):
-            fd = self._lower_data(parts)
-        else:
-            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
-        try:
-            self.tw.add(ti, fd, show(parts))
-        finally:
-            os.close(fd)
+            self.tw.add(header(name, b"3" if fmt == stat.S_IFCHR else b"4",
+                               devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev),
+                               xattrs=xattrs, **common))
+        elif fmt == stat.S_IFIFO:
+            self.tw.add(header(name, b"6", xattrs=xattrs, **common))
 
     def _lower_data(self, parts: Parts) -> int:
         view = self.lowers()

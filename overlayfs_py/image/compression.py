@@ -383,14 +383,14 @@ class CompressingWriter(io.RawIOBase):
         n = len(b)
         if not n:
             return 0
-        self._tar.update(b)
         self.tar_size += n
         if self._c is None:
-            self._blob.write(b)
-        else:
-            out = self._c.compress(b)
-            if out:
-                self._blob.write(out)
+            self._blob.write(b)               # one hash: the blob is the tar
+            return n
+        self._tar.update(b)
+        out = self._c.compress(b)
+        if out:
+            self._blob.write(out)
         return n
 
     def finish(self) -> dict:
@@ -400,7 +400,8 @@ class CompressingWriter(io.RawIOBase):
                 self._blob.write(self._c.flush())
             elif self.compression == "zstd":
                 self._blob.write(self._c.flush(_zstd.ZstdCompressor.FLUSH_FRAME))
+            diff_id = self._blob.digest() if self._c is None else \
+                f"sha256:{self._tar.hexdigest()}"
             self.result = {"digest": self._blob.digest(), "size": self._blob.count,
-                           "diff_id": f"sha256:{self._tar.hexdigest()}",
-                           "tar_size": self.tar_size}
+                           "diff_id": diff_id, "tar_size": self.tar_size}
         return self.result

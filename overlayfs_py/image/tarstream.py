@@ -232,3 +232,95 @@ def members(reader) -> Iterator[Member]:
 
 def mtime_ns(m: Member) -> int:
     return m.mtime_ns if m.mtime_ns is not None else m.mtime * 1_000_000_000
+
+
+# ------------------------------------------------------------------------------ writing
+
+_TYPES_WITH_DATA = REGULAR
+
+
+def _octal(n: int, width: int) -> Optional[bytes]:
+    """``n`` as a NUL-terminated octal field, or None if it does not fit."""
+    if n < 0:
+        return None
+    s = b"%o" % n
+    if len(s) > width - 1:
+        return None
+    return s.rjust(width - 1, b"0") + b"\0"
+
+
+def _record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def _split_ustar(name: bytes):
+    """(prefix, name) for a ustar header, or None if the name does not fit."""
+    if len(name) <= 100:
+        return b"", name
+    i = name.find(b"/", len(name) - 101)          # the name part: at most 100 bytes
+    while 0 <= i:
+        if i <= 155 and len(name) - i - 1 <= 100 and i > 0:
+            return name[:i], name[i + 1:]
+        i = name.find(b"/", i + 1)
+    return None
+
+
+def _block(name: bytes, prefix: bytes, mode: bytes, uid: bytes, gid: bytes, size: bytes,
+           mtime: bytes, type_: bytes, linkname: bytes, major: bytes, minor: bytes) -> bytes:
+    h = bytearray(BLOCK)
+    h[0:len(name)] = name
+    h[100:108] = mode
+    h[108:116] = uid
+    h[116:124] = gid
+    h[124:136] = size
+    h[136:148] = mtime
+    h[148:156] = b" " * 8
+    h[156:157] = type_
+    h[157:157 + len(linkname)] = linkname
+    h[257:265] = b"ustar\x0000"
+    h[329:337] = major
+    h[337:345] = minor
+    h[345:345 + len(prefix)] = prefix
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def header(name: bytes, type_: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0,
+           size: int = 0, mtime: int = 0, linkname: bytes = b"", devmajor: int = 0,
+           devminor: int = 0, xattrs=()) -> bytes:
+    """The header block(s) of one member, deterministically: ustar (no user or group names),
+    preceded by a PAX header (``././@PaxHeader``, mode 0644, time 0) for what ustar cannot
+    hold -- long names and links, big numbers -- and for ``SCHILY.xattr.*`` (``xattrs``:
+    (name, value bytes) pairs, written in the order given)."""
+    records = []
+    split = _split_ustar(name)
+    if split is None:
+        records.append(_record(b"path", name))
+        split = (b"", name[:100])
+    if len(linkname) > 100:
+        records.append(_record(b"linkpath", linkname))
+        linkname = linkname[:100]
+    fields = {}
+    for key, value, width in ((b"size", size, 12), (b"uid", uid, 8), (b"gid", gid, 8),
+                              (b"mtime", mtime, 12)):
+        f = _octal(value, width)
+        if f is None:
+            records.append(_record(key, str(value).encode()))
+            f = _octal(0, width)
+        fields[key] = f
+    for xname, value in xattrs:
+        records.append(_record(b"SCHILY.xattr." + xname.encode("utf-8", "surrogateescape"),
+                               value))
+    out = b""
+    if records:
+        data = b"".join(records)
+        out = _block(b"././@PaxHeader", b"", _octal(0o644, 8), _octal(0, 8), _octal(0, 8),
+                     _octal(len(data), 12), _octal(0, 12), b"x", b"", _octal(0, 8),
+                     _octal(0, 8)) + data + bytes(-len(data) % BLOCK)
+    return out + _block(split[1], split[0], _octal(mode & 0o7777, 8), fields[b"uid"],
+                        fields[b"gid"], fields[b"size"], fields[b"mtime"], type_, linkname,
+                        _octal(devmajor, 8) or _octal(0, 8), _octal(devminor, 8) or _octal(0, 8))

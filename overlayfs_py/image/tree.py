@@ -44,12 +44,21 @@ def type_name(mode: int) -> str:
             stat.S_IFSOCK: "socket"}.get(stat.S_IFMT(mode), "unknown")
 
 
-@dataclasses.dataclass
 class Entry:
-    """One object of an upper directory (not a whiteout)."""
-    name: bytes
-    st: os.stat_result
-    xattrs: Tuple[str, ...]          # names, as listed
+    """One object of an upper directory (not a whiteout). ``xattrs`` (the names) are listed
+    when first asked for, while the walk is at this directory."""
+
+    __slots__ = ("name", "st", "dir_fd", "_xattrs")
+
+    def __init__(self, name: bytes, st: os.stat_result, dir_fd: int,
+                 xattrs: Optional[Tuple[str, ...]] = None):
+        self.name, self.st, self.dir_fd, self._xattrs = name, st, dir_fd, xattrs
+
+    @property
+    def xattrs(self) -> Tuple[str, ...]:
+        if self._xattrs is None:
+            self._xattrs = _xattr_names(self.dir_fd, self.name)
+        return self._xattrs
 
     def has(self, candidates) -> Optional[str]:
         for n in candidates:
@@ -105,12 +114,13 @@ def read_dir(fd: int, parts: Parts, st: os.stat_result) -> Dir:
         if ondisk.is_whiteout(est):
             whiteouts.add(name)
             continue
-        xa = _xattr_names(fd, name)
-        if xwhiteouts and stat.S_ISREG(est.st_mode) and est.st_size == 0 and \
-                any(n in xa for n in ondisk.WHITEOUT_XATTRS):
-            whiteouts.add(name)
-            continue
-        entries.append(Entry(name, est, xa))
+        xa = None
+        if xwhiteouts and stat.S_ISREG(est.st_mode) and est.st_size == 0:
+            xa = _xattr_names(fd, name)
+            if any(n in xa for n in ondisk.WHITEOUT_XATTRS):
+                whiteouts.add(name)
+                continue
+        entries.append(Entry(name, est, fd, xa))
     # A whiteout next to an object of the same name (OCI allows it: a whiteout applies to
     # the layers below only) is kept: the object shows, and the whiteout still hides the
     # lowers' namesake (a directory then does not merge with it).

@@ -111,7 +111,7 @@ def _layer(b):
     return b.state["image_layer"]
 
 
-@workload("unpack", order=160, rows=lambda s: [
+@workload("unpack", order=165, rows=lambda s: [
     Metric(f"image unpack, {_layer_label(s)} layer: vs tar -x", "s"),
     Metric(f"image unpack, {_layer_label(s)} layer: vs umoci unpack", "s")])
 def unpack(b, t, rows):
