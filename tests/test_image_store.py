@@ -565,3 +565,52 @@ def test_threaded_unpack_equals_sequential(tmp_path):
     assert trees[0]["d0/f0"]["mode"] == oct(0o100600) and trees[0]["gone"]["type"] == "file"
     assert trees[0]["d1/link50"]["links"] == ("d1/f50",)
     assert trees[0]["d0/link0"]["links"] == ()         # f0 was replaced after the link
+
+
+def _run_on_a_terminal(args):
+    """Run the command with its stderr on a pseudo-terminal; what it drew there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "overlayfs_py", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=slave,
+                                stdin=subprocess.DEVNULL)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                b = os.read(master, 65536)
+            except OSError:                    # EIO: the terminal's other end is closed
+                break
+            if not b:
+                break
+            chunks.append(b)
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, b"".join(chunks)
+        return b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    lay, built = make_image(tmp_path / "layout")
+    drawn = _run_on_a_terminal(["image", "unpack", f"{lay.root}:v1", "--store",
+                                tmp_path / "s1"])
+    assert "layer 1/2" in drawn and "layer 2/2" in drawn and "100%" in drawn, drawn
+    quiet = _run_on_a_terminal(["image", "unpack", f"{lay.root}:v1", "--store",
+                                tmp_path / "s2", "-q"])
+    assert quiet == "", quiet
+    r = cli("image", "unpack", f"{lay.root}:v1", "--store", tmp_path / "s3")
+    assert r.returncode == 0 and r.stderr == ""          # not a terminal: quiet
+    up = tmp_path / "up"
+    (up / "d").mkdir(parents=True)
+    (up / "d/f").write_bytes(os.urandom(300_000))
+    drawn = _run_on_a_terminal(["commit", up, "--to", tmp_path / "out", "--json"])
+    assert "commit" in drawn and "B" in drawn, drawn

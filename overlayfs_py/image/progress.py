@@ -64,9 +64,18 @@ class TqdmProgress(Progress):
         self.stream = stream or sys.stderr
 
     def task(self, desc: str, total: Optional[int] = None, unit: str = "B") -> Task:
+        import os
         from tqdm import tqdm
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            size = os.terminal_size((0, 0))
+        # a terminal that reports no size (some ptys) would get no bars at all: assume 80x24
+        sizing = {"dynamic_ncols": True} if size.columns > 0 else {"ncols": 80}
+        if size.lines <= 0:
+            sizing["nrows"] = 24
         bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024,
-                   file=self.stream, leave=True, dynamic_ncols=True, mininterval=0.2)
+                   file=self.stream, leave=True, mininterval=0.2, **sizing)
         return _TqdmTask(bar)
 
 
