@@ -84,7 +84,8 @@ class Run:
                 yield fm
             rc = fm.proc.returncode
             if rc != 0:
-                self.fail(f"daemon exit status {rc}: {fm.log()[-2000:]}")
+                what = "killed: no exit within 20 s of the unmount" if rc == -9 else f"exit {rc}"
+                self.fail(f"daemon {what}; log {fm.log_path}: {fm.log()[-2000:]}")
 
     def run(self) -> dict:
         ctx = multiprocessing.get_context("fork")
@@ -261,6 +262,7 @@ def main() -> int:
     ap.add_argument("--targets", default=os.environ.get("SOAK_TARGETS", "ours,kernel"))
     ap.add_argument("--keep", action="store_true", help="keep the layers afterwards")
     args = ap.parse_args()
+    os.environ["OVL_KEEP_LOGS"] = "1"      # the daemon's log stays for a failure report
     if os.geteuid() != 0 or not layerkit.fuse_available():
         print("soak: needs root, /dev/fuse and fusermount3", file=sys.stderr)
         return 1
