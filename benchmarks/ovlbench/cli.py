@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import fcntl
 import json
 import os
 import shlex
@@ -109,6 +110,13 @@ def main(argv=None) -> int:
     start = time.monotonic()
     date = datetime.datetime.now().astimezone()
     os.makedirs(bench.cache, exist_ok=True)
+    # one run per cache directory: a second one would unmount and delete the first's scratch
+    lock = open(os.path.join(bench.cache, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"bench.py: another run is using {bench.cache} (use --cache DIR)", file=sys.stderr)
+        return 2
     cleanup_stale(bench.cache)
     shutil.rmtree(bench.run_root, ignore_errors=True)
     os.makedirs(bench.run_root)

@@ -212,9 +212,9 @@ class Bench:
                 if (wanted is None or w.name in wanted) and w.name not in skip]
 
     def run(self) -> None:
-        reps = self.args.reps
         for wl in self.selected():
             names = self.rows(wl)
+            reps = min(self.args.reps, wl.reps) if wl.reps else self.args.reps
             for rep in range(reps):
                 order = self.targets[rep % len(self.targets):] + self.targets[:rep % len(self.targets)]
                 for t in order:
