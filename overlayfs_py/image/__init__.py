@@ -4,8 +4,10 @@ Read images from OCI layouts, OCI archives and Docker archives (``reference``, `
 ``archive``, ``manifest``), unpack their layers into a content-addressed store in the
 kernel's on-disk format (``store``, ``unpack``, ``compression``, ``ondisk``), plan mounts of
 them (``api.prepare_mount``), show how they were built (``history``), what a container's
-upper layer changed (``diff``, over ``tree``), and commit it as a new layer (``commit``). This package never imports the daemon's modules, and the
-daemon never imports it: ``overlayfs_py.cli`` and ``overlayfs_py.image_mount`` join the two.
+upper layer changed (``diff``, over ``tree``), and commit it as a new layer (``commit``);
+layer tars are read and written by ``tarstream``. This package never imports the daemon's
+modules, and the daemon never imports it: ``overlayfs_py.cli`` and
+``overlayfs_py.image_mount`` join the two.
 
 Public API (all also reachable as ``overlayfs_py.image.<name>``)::
 
