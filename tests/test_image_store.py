@@ -614,3 +614,22 @@ def test_progress_bars_on_a_terminal_only(tmp_path):
     (up / "d/f").write_bytes(os.urandom(300_000))
     drawn = _run_on_a_terminal(["commit", up, "--to", tmp_path / "out", "--json"])
     assert "commit" in drawn and "B" in drawn, drawn
+
+
+def test_concurrent_unpacks_of_one_image_make_one_layer(tmp_path):
+    """Two processes unpacking the same image at once: both succeed, the layer is made once
+    (the other waits on its lock and finds it), nothing is left in tmp/."""
+    entries = [F(f"d/{i:03d}", os.urandom(16 << 10)) for i in range(100)]
+    lay = Layout(tmp_path / "layout")
+    built = lay.write_image([make_tar(entries), make_tar([F("top", "t")])], tag="t")
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-m", "overlayfs_py", "image", "unpack",
+                               f"{lay.root}:t", "--store", str(store), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    fresh = [[l["unpacked_now"] for l in json.loads(o)["layers"]] for o, _ in outs]
+    assert sum(f[0] for f in fresh) == 1 and sum(f[1] for f in fresh) == 1, fresh
+    assert stored_layers(store) == sorted(d.split(":")[1] for d in built.diff_ids)
+    assert_store_clean(store)

@@ -125,8 +125,9 @@ def unpack_layers(image: Image, src: Source, store: Store, *, oci_markers: bool 
                                           blob_digest=layer.blob.digest,
                                           blob_size=layer.blob.size, oci_markers=oci_markers,
                                           task=task, what=what)
-            fresh.append(layer.diff_id)
-            warnings += [f"layer {i}/{n}: {w}" for w in info.warnings]
+            if info.fresh:                   # not made meanwhile by another process
+                fresh.append(layer.diff_id)
+                warnings += [f"layer {i}/{n}: {w}" for w in info.warnings]
         infos.append(info)
     return Unpacked(image, infos, fresh, warnings, store.path)
 

@@ -91,6 +91,7 @@ class LayerInfo:
     blobs: Dict[str, str]       # blob digest -> media type it was unpacked from
     warnings: List[str]
     stats: Dict[str, int]
+    fresh: bool = False         # unpacked by this call (not found in the store)
 
     @property
     def root(self) -> str:
@@ -106,6 +107,7 @@ class LayerInfo:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("path")
+        d.pop("fresh")
         return d
 
 
@@ -496,7 +498,7 @@ class Store:
         got = self.layer_info(diff_id, oci_markers)
         if got is None:
             raise StoreError(f"store {self.path}: layer {diff_id} vanished after unpacking")
-        return got
+        return dataclasses.replace(got, fresh=True)
 
     def lease(self, diff_ids: Sequence[str], oci_markers: bool = False) -> Lease:
         """Shared flocks on these layers' directories (see the module docstring). The fds are
