@@ -56,11 +56,10 @@ from . import digest as _digest
 from . import mediatypes as mt
 from . import ondisk
 from .compression import LayerReader
-from .errors import ImageError, NotFound, StoreError
+from .errors import NotFound, StoreError
 from .fsutil import (O_DIR, RENAME_NOREPLACE, fsync_quietly, read_file_at, renameat2, rmtree_at,
                      syncfs, write_file_at)
 from .manifest import Descriptor, Image
-from .progress import Progress
 from .source import Source
 from .unpack import DEFAULT_THREADS, Warnings, unpack_tar
 
