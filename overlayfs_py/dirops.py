@@ -21,8 +21,8 @@ from . import faultpoint, whiteout
 from .copyup import CopyUp, Workdir, ensure_upper_dir, remove_tree_at
 from .creds import as_user
 from .inodes import Node
-from .layers import (RENAME_EXCHANGE, RENAME_WHITEOUT, has_default_acl, lstat_at, open_path_at,
-                     proc_path, renameat2)
+from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, has_default_acl,
+                     lstat_at, open_path_at, proc_path, renameat2)
 from .lookup import needs_whiteout
 from .overlay import UPPER, Overlay, fuse_error
 
@@ -52,12 +52,21 @@ class Namespace:
             raise _err(errno.ENOENT)
         return occ, node
 
-    @staticmethod
-    def check_new_name(name: bytes) -> None:
+    def check_new_name(self, name: bytes) -> None:
+        if len(name) > self.ov.namelen:
+            raise _err(errno.ENAMETOOLONG)
         if whiteout.is_marker_name(name):
             raise _err(errno.EINVAL)
-        if len(name) > 255:
-            raise _err(errno.ENAMETOOLONG)
+
+    @staticmethod
+    def after_commit(what: str, fn, *args, **kwargs) -> None:
+        """Cleanup after the step that made an operation visible (a rename into place):
+        the operation has happened, so a failure here is logged, not reported -- an error
+        reply would tell the caller that nothing changed."""
+        try:
+            fn(*args, **kwargs)
+        except OSError as e:
+            log.warning("%s: %s (the operation itself succeeded)", what, e)
 
     def _whiteout_template(self) -> Optional[bytes]:
         """The workdir's shared whiteout, made on first use; None if mknod is refused.
@@ -119,24 +128,38 @@ class Namespace:
             tmp = self.work.temp_name()
             if self._link_whiteout(self.work.fd, tmp):
                 faultpoint.hit("whiteout.staged")
+                try:
+                    if stat.S_ISDIR(existing.st_mode):
+                        renameat2(self.work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+                    else:
+                        os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+                except BaseException:
+                    self.after_commit("whiteout: staged link not removed",
+                                      os.unlink, tmp, dir_fd=self.work.fd)
+                    raise
                 if stat.S_ISDIR(existing.st_mode):
-                    renameat2(self.work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
                     faultpoint.hit("whiteout.exchanged")
-                    remove_tree_at(self.work.fd, tmp)
-                else:
-                    os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+                    self.after_commit("whiteout: old directory not removed from the workdir",
+                                      remove_tree_at, self.work.fd, tmp)
                 return
+        self.oci_whiteout(parent_fd, name)
+        if existing is not None:
+            self._discard_upper(parent_fd, name, existing)
+
+    @staticmethod
+    def oci_whiteout(parent_fd: int, name: bytes) -> None:
+        """The fallback whiteout where mknod is not allowed: an empty ``.wh.NAME`` (it hides
+        NAME in the layers below only, so it may be made before NAME leaves the upper)."""
         fd = os.open(whiteout.WH_PREFIX + name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC,
                      0o700, dir_fd=parent_fd)
         os.close(fd)
-        if existing is not None:
-            self._discard_upper(parent_fd, name, existing)
 
     def _discard_upper(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
         if stat.S_ISDIR(st.st_mode):
             tmp = self.work.temp_name()
             os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=self.work.fd)
-            remove_tree_at(self.work.fd, tmp)
+            self.after_commit("removed directory not deleted from the workdir",
+                              remove_tree_at, self.work.fd, tmp)
         else:
             os.unlink(name, dir_fd=parent_fd)
 
@@ -229,28 +252,26 @@ class Namespace:
         if umask and not has_default_acl(parent_fd):
             mode &= ~umask
         luid, lgid, sgid = self._owner(parent_fd, uid, gid)
-        if not over_whiteout:
+        if over_whiteout or (is_dir and oci):
+            # built in the workdir: a directory must be opaque before it shows
+            result = self._make_staged(parent_fd, name, luid, lgid, sgid, is_dir, maker,
+                                       mode, over_whiteout)
+        else:
             with as_user(luid, lgid):
                 result = maker(parent_fd, name, mode)
-            if is_dir and oci:
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-                try:
-                    self.set_opaque(fd)
-                finally:
-                    os.close(fd)
-        else:
-            result = self._make_over_whiteout(parent_fd, name, luid, lgid, sgid, is_dir,
-                                              maker, mode)
         if oci:
-            os.unlink(whiteout.WH_PREFIX + name, dir_fd=parent_fd)
+            self.after_commit("create: OCI whiteout not removed", os.unlink,
+                              whiteout.WH_PREFIX + name, dir_fd=parent_fd)
         self.ov.name_changed(parent, name)
         node = self.ov.child(parent, name)
         if node is None:
             raise _err(errno.EIO)
         return node, result
 
-    def _make_over_whiteout(self, parent_fd, name, uid, gid, sgid, is_dir, maker, mode):
-        """Build in the workdir, then swap with the whiteout (the kernel's create-over-whiteout)."""
+    def _make_staged(self, parent_fd, name, uid, gid, sgid, is_dir, maker, mode,
+                     over_whiteout: bool):
+        """Build in the workdir, then move into place: swapped with the whiteout it replaces
+        (the kernel's create-over-whiteout) or, with none there, renamed without replacing."""
         work = self.work
         tmp = work.temp_name()
         result = maker(work.fd, tmp, mode)
@@ -273,9 +294,10 @@ class Namespace:
                 os.close(pfd)
             if is_dir:
                 faultpoint.hit("mkdir.opaque")
+            if not over_whiteout:
+                renameat2(work.fd, tmp, parent_fd, name, RENAME_NOREPLACE)
+            elif is_dir:
                 renameat2(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
-                faultpoint.hit("mkdir.exchanged")
-                os.unlink(tmp, dir_fd=work.fd)          # the whiteout, now in the workdir
             else:
                 os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
         except BaseException:
@@ -283,6 +305,10 @@ class Namespace:
                 os.close(result)
             remove_tree_at(work.fd, tmp)
             raise
+        if is_dir and over_whiteout:
+            faultpoint.hit("mkdir.exchanged")
+            self.after_commit("mkdir: replaced whiteout not removed from the workdir",
+                              os.unlink, tmp, dir_fd=work.fd)
         return result
 
     def tmpfile(self, parent: Node, uid: int, gid: int, mode: int, umask: int,
@@ -333,11 +359,17 @@ class Namespace:
         if over_whiteout:
             tmp = self.work.temp_name()
             maker(self.work.fd, tmp)
-            os.rename(tmp, new_name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+            try:
+                os.rename(tmp, new_name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+            except BaseException:
+                self.after_commit("link: staged link not removed", os.unlink, tmp,
+                                  dir_fd=self.work.fd)
+                raise
         else:
             maker(parent_fd, new_name)
         if oci:
-            os.unlink(whiteout.WH_PREFIX + new_name, dir_fd=parent_fd)
+            self.after_commit("link: OCI whiteout not removed", os.unlink,
+                              whiteout.WH_PREFIX + new_name, dir_fd=parent_fd)
         self.ov.name_changed(new_parent, new_name)
         self.ov.changed(node)
         node.add_path(new_parent, new_name)
@@ -398,9 +430,13 @@ class Namespace:
 
         if exchange:
             # a directory landing in a merged parent must not merge with a lower namesake
-            self._opaque_if_moved_into_merged(src, p_new)
-            self._opaque_if_moved_into_merged(dst, p_old)
-            renameat2(old_fd, n_old, new_fd, n_new, RENAME_EXCHANGE)
+            marked = [self._opaque_if_moved_into_merged(src, p_new),
+                      self._opaque_if_moved_into_merged(dst, p_old)]
+            try:
+                renameat2(old_fd, n_old, new_fd, n_new, RENAME_EXCHANGE)
+            except BaseException:
+                self._unmark_opaque(marked)
+                raise
             for node, pa, na, pb, nb in ((src, p_old, n_old, p_new, n_new),
                                          (dst, p_new, n_new, p_old, n_old)):
                 node.remove_path(pa, na)
@@ -423,18 +459,30 @@ class Namespace:
         elif src.is_dir and new_is_whiteout:
             flags = RENAME_EXCHANGE
             cleanup_whiteout = True
-        self._opaque_if_moved_into_merged(src, p_new)
-        if flags == RENAME_WHITEOUT and not self.can_mknod:
-            os.rename(n_old, n_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
-            self.whiteout(old_fd, n_old, None)
-        else:
-            faultpoint.hit("rename.before")
-            renameat2(old_fd, n_old, new_fd, n_new, flags)
-            faultpoint.hit("rename.after")
+        marked = [self._opaque_if_moved_into_merged(src, p_new)]
+        try:
+            if flags == RENAME_WHITEOUT and not self.can_mknod:
+                # the .wh. file first: it fails (a 252+ byte name) before anything moved,
+                # and it hides only the lower n_old, which the upper one still covers
+                self.oci_whiteout(old_fd, n_old)
+                try:
+                    os.rename(n_old, n_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+                except BaseException:
+                    os.unlink(whiteout.WH_PREFIX + n_old, dir_fd=old_fd)
+                    raise
+            else:
+                faultpoint.hit("rename.before")
+                renameat2(old_fd, n_old, new_fd, n_new, flags)
+                faultpoint.hit("rename.after")
+        except BaseException:
+            self._unmark_opaque(marked)
+            raise
         if cleanup_whiteout:
-            os.unlink(n_old, dir_fd=old_fd)
+            self.after_commit("rename: swapped whiteout not removed", os.unlink, n_old,
+                              dir_fd=old_fd)
         if lstat_at(new_fd, whiteout.WH_PREFIX + n_new) is not None:
-            os.unlink(whiteout.WH_PREFIX + n_new, dir_fd=new_fd)
+            self.after_commit("rename: OCI whiteout not removed", os.unlink,
+                              whiteout.WH_PREFIX + n_new, dir_fd=new_fd)
         if dst is not None:
             self._forget_name(p_new, n_new, dst, None, gone=False)
         src.remove_path(p_old, n_old)
@@ -443,13 +491,23 @@ class Namespace:
         ov.name_changed(p_new, n_new)
         ov.changed(src)
 
-    def _opaque_if_moved_into_merged(self, node: Node, new_parent: Node) -> None:
+    def _opaque_if_moved_into_merged(self, node: Node, new_parent: Node) -> Optional[int]:
         """The kernel marks a (pure upper) directory opaque when it moves into a merged
-        parent, so a lower directory of the same name there never shows through it."""
+        parent, so a lower directory of the same name there never shows through it.
+        Returns the directory's fd if it was marked here (see _unmark_opaque)."""
         if node.is_dir and len(new_parent.layers) > 1:
             fd = self.ov.dirfd(node, UPPER)
             if not whiteout.dir_is_opaque(fd):
                 self.set_opaque(fd)
+                return fd
+        return None
+
+    def _unmark_opaque(self, fds) -> None:
+        """The rename failed: take back the opaque marks made for it."""
+        for fd in fds:
+            if fd is not None:
+                self.after_commit("rename failed: opaque mark not taken back",
+                                  os.removexattr, fd, self.opaque_xattr)
 
     def _empty_dir(self, parent_fd: int, name: bytes, st: os.stat_result) -> None:
         """Make an (only-markers) upper dir truly empty and opaque, atomically, so that a

@@ -7,6 +7,7 @@ ever read as a link, never followed by the daemon.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -62,13 +63,18 @@ class Layer:
 
 
 def lstat_at(dir_fd: int, name: bytes):
-    """lstat of name in dir_fd; None when absent (absence is not an error in a layer)."""
+    """lstat of name in dir_fd; None when absent (absence is not an error in a layer).
+
+    A name longer than the layer's NAME_MAX cannot exist in it: the ``.wh.`` marker of a
+    255-byte name, for one, is absent, not an error."""
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    except NotADirectoryError:
-        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return None
+        raise
 
 
 def open_dir_at(dir_fd: int, name: bytes) -> int:

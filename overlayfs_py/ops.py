@@ -217,6 +217,8 @@ class Operations(pyfuse3.Operations):
             node = parent
         elif name == b"..":
             node = parent.parent or parent
+        elif len(name) > self.ov.namelen:
+            raise fuse_error(errno.ENAMETOOLONG)     # as the kernel overlay's lookup
         else:
             node = self.ov.child(parent, name)
             if node is None:
@@ -332,8 +334,9 @@ class Operations(pyfuse3.Operations):
         sv = os.fstatvfs(top.root_fd)
         out = pyfuse3.StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
+                  "f_ffree", "f_favail"):
             setattr(out, f, getattr(sv, f))
+        out.f_namemax = self.ov.namelen
         return out
 
     @handler

@@ -69,6 +69,9 @@ class Overlay:
             self.close()
             raise
         self.upper = self.layers[0] if config.upper is not None else None
+        # the longest name any layer takes, as the kernel's ofs->namelen: longer names
+        # are refused at lookup (ENAMETOOLONG), shorter ones are left to the layers
+        self.namelen = max(os.fstatvfs(layer.root_fd).f_namemax for layer in self.layers)
         self.uidmap = IdMap(config.uidmap)
         self.gidmap = IdMap(config.gidmap)
         self.st_dev_upper = self.upper.st_dev if self.upper else None
