@@ -17,21 +17,40 @@ from .readdir import Listing
 
 
 class FileHandle:
-    __slots__ = ("fh", "fd", "node", "flags", "writable", "nowait")
+    __slots__ = ("fh", "fd", "node", "flags", "writable", "nowait", "direct", "_buffered")
 
     def __init__(self, fh: int, fd: int, node: Node, flags: int, writable: bool):
         self.fh, self.fd, self.node, self.flags, self.writable = fh, fd, node, flags, writable
         self.nowait = True          # the file's filesystem may take RWF_NOWAIT reads
+        # opened with O_DIRECT (so is self.fd): I/O goes through directio
+        self.direct = bool(flags & os.O_DIRECT)
+        self._buffered: Optional[int] = None
+
+    def buffered_fd(self) -> int:
+        """The same file opened without O_DIRECT (made on first use; see directio)."""
+        if self._buffered is None:
+            self._buffered = os.open(f"/proc/self/fd/{self.fd}",
+                                     os.O_RDWR if self.writable else os.O_RDONLY)
+        return self._buffered
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._buffered is not None:
+            os.close(self._buffered)
+            self._buffered = None
 
     def reopen_after_copy_up(self, ov, parent: Node, name: bytes) -> None:
         if self.writable:
             return
         from .overlay import UPPER
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=ov.dirfd(parent, UPPER))
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
+                     (os.O_DIRECT if self.direct else 0), dir_fd=ov.dirfd(parent, UPPER))
         old, self.fd = self.fd, fd
         self.nowait = True
         os.close(old)
+        if self._buffered is not None:
+            os.close(self._buffered)
+            self._buffered = None
 
 
 class DirHandle:
@@ -59,7 +78,7 @@ class HandleTable:
     def release_file(self, fh: int) -> Optional[FileHandle]:
         h = self.files.pop(fh, None)
         if h is not None:
-            os.close(h.fd)
+            h.close()
             if h.node.handles:
                 h.node.handles.discard(h)
         return h

@@ -16,7 +16,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import creds, filedata, whiteout
+from . import creds, directio, filedata, whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir
 from .dirops import Namespace
@@ -401,6 +401,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def read(self, fh, off, size):
         h = self.handles.files[fh]
+        if h.direct:
+            if size < BIG_IO:
+                return directio.pread(h.fd, size, off)
+            return await trio.to_thread.run_sync(directio.pread, h.fd, size, off)
         if size < BIG_IO:
             return os.pread(h.fd, size, off)
         # What the host page cache holds is copied here and now (RWF_NOWAIT never blocks):
@@ -428,6 +432,12 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh, off, buf):
         h = self.handles.files[fh]
+        if h.direct:
+            cached = any(o.writable and not o.direct for o in h.node.handles if o is not h)
+            if len(buf) < BIG_IO:
+                return directio.pwrite(h.fd, buf, off, cached, h.buffered_fd)
+            return await trio.to_thread.run_sync(directio.pwrite, h.fd, buf, off, cached,
+                                                 h.buffered_fd)
         if len(buf) >= BIG_IO:
             return await trio.to_thread.run_sync(os.pwrite, h.fd, buf, off)
         return os.pwrite(h.fd, buf, off)
