@@ -20,7 +20,7 @@ from . import faultpoint, whiteout
 from .copydata import copy_file_data
 from .inodes import Node
 from .layers import O_DIR, open_dir_at, open_path_at, proc_path
-from .overlay import UPPER, Overlay
+from .overlay import UPPER, Overlay, fuse_error
 
 log = logging.getLogger("overlayfs_py")
 
@@ -119,8 +119,34 @@ def _restore_times(dir_fd: int, st: os.stat_result) -> None:
         pass
 
 
+def copy_up_removed_dir(ov: Overlay, work: Workdir, node: Node) -> int:
+    """A removed directory is about to change (fchmod on an fd still open on it): if only a
+    lower layer had it, copy it -- empty, with its metadata -- into the workdir and remove
+    it there at once, so that the change lands on an object of our own that is already
+    gone, as the upper copy of a removed merged directory is. Returns its fd."""
+    fd = ov.removed_dir_fd(node)
+    st = os.fstat(fd)
+    if st.st_nlink == 0:
+        return fd                         # an upper directory, removed
+    tmp = work.temp_name()
+    os.mkdir(tmp, 0o700, dir_fd=work.fd)
+    try:
+        new = open_dir_at(work.fd, tmp)
+        try:
+            _copy_meta(fd, new, st)
+        except BaseException:
+            os.close(new)
+            raise
+    finally:
+        os.rmdir(tmp, dir_fd=work.fd)
+    ov.keep_removed(node, new)
+    return new
+
+
 def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
     """The upper fd of directory ``node``, copying it (and its ancestors) up if needed."""
+    if node.unlinked:
+        raise fuse_error(errno.ENOENT)        # nothing can be made in a removed directory
     if node.layer == UPPER:
         return ov.dirfd(node, UPPER)
     parent = node.parent
@@ -171,6 +197,9 @@ class CopyUp:
         """Make ``node`` an upper object. ``data=False``: its contents are about to be
         truncated away. ``meta_only``: only metadata will change, so with metacopy=on a
         regular file gets a metadata-only copy (data stays in the lower layer)."""
+        if node.is_dir and node.unlinked:
+            copy_up_removed_dir(self.ov, self.work, node)
+            return
         if node.layer == UPPER and not is_metacopy(node):
             return
         if node.is_dir:

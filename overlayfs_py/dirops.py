@@ -207,20 +207,23 @@ class Namespace:
         if self.ov.index(node):
             raise _err(errno.ENOTEMPTY)
         parent_fd = ensure_upper_dir(self.ov, self.work, parent)
-        last_attr = self.ov.node_attrs(node)   # what fstat() of an open fd shows afterwards
         upper_st = lstat_at(parent_fd, name) if node.layer == UPPER else None
-        if needs_whiteout(occ, UPPER):
-            self.whiteout(parent_fd, name, upper_st)
-        else:
-            try:
-                os.rmdir(name, dir_fd=parent_fd)
-            except OSError as e:
-                if e.errno != errno.ENOTEMPTY:
-                    raise
-                self._discard_upper(parent_fd, name, upper_st)   # only markers were left
+        held = self.ov.hold_dir(node)          # for whoever still has it open
+        try:
+            if needs_whiteout(occ, UPPER):
+                self.whiteout(parent_fd, name, upper_st)
+            else:
+                try:
+                    os.rmdir(name, dir_fd=parent_fd)
+                except OSError as e:
+                    if e.errno != errno.ENOTEMPTY:
+                        raise
+                    self._discard_upper(parent_fd, name, upper_st)   # only markers left
+        except BaseException:
+            os.close(held)
+            raise
         self._forget_name(parent, name, node, None)
-        last_attr.st_nlink = 0
-        node.attr = last_attr
+        self.ov.keep_removed(node, held)
 
     # ------------------------------------------------------------------ creation
     def _prepare_create(self, parent: Node, name: bytes):
@@ -448,6 +451,32 @@ class Namespace:
             return
 
         upper_new = lstat_at(new_fd, n_new)
+        held = None
+        if dst is not None and dst.is_dir:
+            held = ov.hold_dir(dst)            # for whoever still has it open
+        try:
+            self._rename_over(src, occ_old, p_old, n_old, p_new, n_new, old_fd, new_fd,
+                              dst, upper_new)
+        except BaseException:
+            if held is not None:
+                os.close(held)
+            raise
+        if dst is not None:
+            self._forget_name(p_new, n_new, dst, None, gone=False)
+            if held is not None:
+                if dst.unlinked:
+                    ov.keep_removed(dst, held)
+                else:
+                    os.close(held)
+        src.remove_path(p_old, n_old)
+        src.paths.insert(0, (p_new, n_new))
+        ov.name_changed(p_old, n_old)
+        ov.name_changed(p_new, n_new)
+        ov.changed(src)
+
+    def _rename_over(self, src, occ_old, p_old, n_old, p_new, n_new, old_fd, new_fd, dst,
+                     upper_new) -> None:
+        """The upper-layer part of a rename that is not an exchange."""
         if dst is not None and dst.is_dir and upper_new is not None and \
                 stat.S_ISDIR(upper_new.st_mode):
             self._empty_dir(new_fd, n_new, upper_new)
@@ -483,13 +512,6 @@ class Namespace:
         if lstat_at(new_fd, whiteout.WH_PREFIX + n_new) is not None:
             self.after_commit("rename: OCI whiteout not removed", os.unlink,
                               whiteout.WH_PREFIX + n_new, dir_fd=new_fd)
-        if dst is not None:
-            self._forget_name(p_new, n_new, dst, None, gone=False)
-        src.remove_path(p_old, n_old)
-        src.paths.insert(0, (p_new, n_new))
-        ov.name_changed(p_old, n_old)
-        ov.name_changed(p_new, n_new)
-        ov.changed(src)
 
     def _opaque_if_moved_into_merged(self, node: Node, new_parent: Node) -> Optional[int]:
         """The kernel marks a (pure upper) directory opaque when it moves into a merged

@@ -18,7 +18,7 @@ import trio
 
 from . import creds, directio, filedata, whiteout
 from .config import Config
-from .copyup import CopyUp, Workdir
+from .copyup import CopyUp, Workdir, copy_up_removed_dir
 from .dirops import Namespace
 from .handles import HandleTable
 from .readdir import FIRST_NAME_OFFSET, Listing
@@ -266,7 +266,13 @@ class Operations(pyfuse3.Operations):
         return ov.attrs(node, ov.stat_node(node))
 
     def _setattr_unlinked(self, node: Node, attr, fields, h):
-        """A removed file that is still open: change it through an open descriptor."""
+        """A removed file that is still open: change it through an open descriptor. A
+        removed directory: through the fd kept for it (Overlay.hold_dir)."""
+        if node.is_dir:
+            if fields.update_size:
+                raise fuse_error(errno.EISDIR)
+            return self._setattr_fd(node, copy_up_removed_dir(self.ov, self.work, node),
+                                    attr, fields)
         if h is None or not h.writable:
             h = next((x for x in node.handles or () if x.writable), None)
         if h is None and node.layer == UPPER and not fields.update_size:
@@ -286,7 +292,9 @@ class Operations(pyfuse3.Operations):
             if node.attr is not None:
                 return node.attr
             raise fuse_error(errno.ENOENT)
-        fd = h.fd
+        return self._setattr_fd(node, h.fd, attr, fields)
+
+    def _setattr_fd(self, node: Node, fd: int, attr, fields):
         if fields.update_size:
             os.ftruncate(fd, attr.st_size)
         if fields.update_mode:

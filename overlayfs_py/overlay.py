@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from typing import List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import pyfuse3
 
@@ -79,6 +79,9 @@ class Overlay:
         self.table = InodeTable(root)
         self.root = root
         self._fds: "OrderedDict[Tuple[int, int], int]" = OrderedDict()
+        # removed directories the kernel still knows (an open fd, a cwd): ino -> an fd of
+        # the removed object (hold_dir / detached_dir), until the kernel forgets them
+        self.detached: Dict[int, int] = {}
         self.pending_invalidations: List[Tuple[int, bytes]] = []
         # directories whose listing the kernel may cache (we answered a READDIR for them
         # since their last change), and those of them whose names changed since: the glue
@@ -96,6 +99,9 @@ class Overlay:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for fd in self.detached.values():
+            os.close(fd)
+        self.detached.clear()
         for layer in self.layers:
             layer.close()
 
@@ -313,6 +319,31 @@ class Overlay:
                 del parent.kids[name]
         if node.is_dir:
             self.drop_dir_state(node)
+            fd = self.detached.pop(node.ino, None)
+            if fd is not None:
+                os.close(fd)
+
+    # ----------------------------------------------------------------- removed directories
+    def hold_dir(self, node: Node) -> int:
+        """An fd of the directory's topmost object, taken before an operation may remove
+        it: a removed directory lives on for whoever has it open (fstat shows st_nlink 0,
+        fchmod, futimens, fsetxattr work), as on a local filesystem. Give it to
+        ``keep_removed`` once the directory is gone, or close it."""
+        return os.dup(self.dirfd(node, node.layer))
+
+    def keep_removed(self, node: Node, fd: int) -> None:
+        old = self.detached.pop(node.ino, None)
+        if old is not None:
+            os.close(old)
+        self.detached[node.ino] = fd
+        node.attr = None
+
+    def removed_dir_fd(self, node: Node) -> int:
+        """The fd of a removed directory (see copyup.copy_up_removed_dir for changes)."""
+        fd = self.detached.get(node.ino)
+        if fd is None:
+            raise fuse_error(errno.ENOENT)
+        return fd
 
     def drop_dir_state(self, node: Node) -> None:
         """A directory the kernel forgot, or that is gone: drop its fds and caches."""
@@ -382,6 +413,8 @@ class Overlay:
         if fd is not None:
             return os.fstat(fd)
         if node.is_dir:
+            if node.unlinked:
+                return os.fstat(self.removed_dir_fd(node))
             return os.fstat(self.dirfd(node, node.layer))
         if node.handles:
             return os.fstat(next(iter(node.handles)).fd)
@@ -433,7 +466,9 @@ class Overlay:
         a.attr_timeout = self.attr_timeout
         a.st_mode = st.st_mode
         nlink = st.st_nlink
-        if node.is_dir and len(node.layers) > 1:
+        if node.is_dir and node.unlinked:
+            nlink = 0                # removed (a lower one still has its links)
+        elif node.is_dir and len(node.layers) > 1:
             nlink = 1                # merged dir: as the kernel, "nlink=1 pacifies find"
         a.st_nlink = nlink
         if self.uidmap or self.gidmap:
@@ -471,6 +506,8 @@ class _ObjectPath:
         self.ov, self.node, self.fd = ov, node, None
 
     def __enter__(self) -> str:
+        if self.node.is_dir and self.node.unlinked:
+            return f"/proc/self/fd/{self.ov.removed_dir_fd(self.node)}"
         if self.node.ino == ROOT_INODE or self.node.is_dir:
             return f"/proc/self/fd/{self.ov.dirfd(self.node, self.node.layer)}"
         dir_fd, name = self.ov.parent_fd(self.node)
