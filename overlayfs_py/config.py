@@ -57,14 +57,18 @@ Caching options:
   timeout=SECONDS  kernel entry/attribute cache timeout (default 86400)
   writeback=0|1    FUSE writeback cache (default 1)
   keep_cache=0|1   keep page cache of unchanged files across opens (default 1)
+  exact_ctime=0|1  with the writeback cache, have the kernel drop a changed file's inode
+                   so that stat shows the upper file's ctime (default 0; see README)
   max_nodes=N      past N nodes, have the kernel forget unused files, bounding the
                    daemon's memory (default 0 = never; see README for the trade-offs)
   spin_us=N        after a reply, poll for the next request for up to N microseconds
                    before sleeping (default 50; 0 = never; off on a single CPU)
 FUSE / mount options:
   allow_other, allow_root, default_permissions, fsname=NAME, subtype=NAME,
-  rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, async, dirsync
-  (relatime, strictatime, diratime, nodiratime, lazytime, context=... are accepted and ignored)
+  rw, ro, dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync
+  relatime (default), strictatime, noatime (and atime, norelatime, nostrictatime):
+                   when a read updates a file's atime, as on the kernel overlay
+  (diratime, nodiratime, lazytime, context=... are accepted and ignored)
 
 Container images (each with --help):
   {PROG} image mount SOURCE[:TAG] MOUNTPOINT [--upper DIR --work DIR] [-o OPTIONS]
@@ -111,6 +115,8 @@ class Config:
     keep_cache: bool = True              # keep page cache across opens of unchanged files
     extra_fuse_options: Tuple[str, ...] = field(default_factory=tuple)  # dev,suid,noatime...
     xino: str = "off"                    # 'off' or 'auto' (accepted; st_ino policy hint)
+    atime: str = "relatime"              # 'relatime', 'strictatime' or 'noatime'
+    exact_ctime: bool = False            # entry invalidations after changes (README)
     source: Optional[str] = None         # SOURCE of the mount(8) form (only used as fsname)
 
     @property
@@ -297,8 +303,7 @@ _FUSE_FLAGS = {
 # Accepted and ignored: libfuse rejects them (relatime is FUSE's default anyway), or they
 # are mount(8)/mount.fuse userspace options, or SELinux labels FUSE cannot apply.
 _IGNORED_FLAGS = {
-    "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime",
-    "lazytime", "nolazytime", "defaults", "auto", "noauto", "user", "nouser", "users",
+    "diratime", "nodiratime", "lazytime", "nolazytime", "defaults", "auto", "noauto", "user", "nouser", "users",
     "_netdev", "nofail", "silent", "loud",
 }
 _IGNORED_KEYS = {"context", "fscontext", "defcontext", "rootcontext"}
@@ -307,7 +312,7 @@ ACCEPTED_OPTIONS = tuple(sorted(
     set(_FUSE_FLAGS) | _IGNORED_FLAGS | {f"{k}=" for k in _IGNORED_KEYS} | {
         "lowerdir=", "upperdir=", "workdir=", "volatile", "fsync=", "userxattr", "metacopy=",
         "redirect_dir=", "index=", "xino=", "timeout=", "writeback=", "keep_cache=",
-        "max_nodes=", "spin_us=",
+        "max_nodes=", "spin_us=", "exact_ctime=", "relatime", "norelatime", "strictatime", "nostrictatime",
         "uidmapping=", "gidmapping=", "allow_other", "allow_root", "default_permissions",
         "fsname=", "subtype=", "x-*",
     }))
@@ -413,6 +418,7 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
     upper_raw: Optional[str] = None
     work_raw: Optional[str] = None
     read_only_flag = False
+    atime_flags = {"noatime": False, "strictatime": False}   # as mount(8) sets MS_* flags
 
     def need_value(key: str, value: Optional[str]) -> str:
         if value is None or value == "":
@@ -463,6 +469,8 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
             kw["writeback"] = _bool01(key, value)
         elif key == "keep_cache":
             kw["keep_cache"] = _bool01(key, value)
+        elif key == "exact_ctime":
+            kw["exact_ctime"] = _bool01(key, value)
         elif key == "uidmapping":
             kw["uidmap"] = parse_idmap(key, value)
         elif key == "gidmapping":
@@ -480,11 +488,17 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
             kw["fsname"] = unescape_path(need_value(key, value))
         elif key == "subtype":
             fuse_flags["subtype"] = "subtype=" + fuse_escape(unescape_path(need_value(key, value)))
+        elif key in ("relatime", "norelatime", "strictatime", "nostrictatime"):
+            no_value(key, value)
+            if key.endswith("strictatime"):
+                atime_flags["strictatime"] = key == "strictatime"
         elif key in _FUSE_FLAGS:
             no_value(key, value)
             fuse_flags[_FUSE_FLAGS[key]] = key
             if key in ("ro", "rw"):
                 read_only_flag = key == "ro"
+            if key in ("atime", "noatime"):
+                atime_flags["noatime"] = key == "noatime"
         elif key in _IGNORED_FLAGS:
             no_value(key, value)
         elif key in _IGNORED_KEYS or key.startswith("x-"):
@@ -509,6 +523,9 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
     if kw.get("allow_other") and fuse_flags.get("allow") == "allow_root":
         raise ConfigError("allow_other and allow_root are mutually exclusive")
 
+    # the kernel's do_new_mount: strictatime beats noatime, which beats relatime
+    kw["atime"] = "strictatime" if atime_flags["strictatime"] else \
+        "noatime" if atime_flags["noatime"] else "relatime"
     read_only = read_only_flag or upper_raw is None
     if read_only:
         fuse_flags["ro"] = "ro"

@@ -17,6 +17,7 @@ from typing import Dict
 import trio
 
 from . import faultpoint, whiteout
+from .atime import open_noatime
 from .copydata import copy_file_data
 from .inodes import Node
 from .layers import O_DIR, open_dir_at, open_path_at, proc_path
@@ -230,7 +231,7 @@ class CopyUp:
         dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=up_fd)
         try:
             if data:
-                src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lo_fd)
+                src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, lo_fd)
                 try:
                     size = os.fstat(dst).st_size
                     await trio.to_thread.run_sync(self._copy_data, src, dst, size)
@@ -296,7 +297,7 @@ class CopyUp:
                             st: os.stat_result) -> None:
         """The kernel's metacopy format: a sparse upper file of the right size with all the
         metadata and an empty ``trusted.overlay.metacopy`` xattr."""
-        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, src_dir)
         try:
             dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                           dir_fd=self.work.fd)
@@ -313,7 +314,7 @@ class CopyUp:
     async def _copy_regular(self, src_dir: int, name: bytes, tmp: bytes,
                             st: os.stat_result, data: bool) -> None:
         work = self.work
-        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, src_dir)
         try:
             dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                           dir_fd=work.fd)

@@ -387,7 +387,8 @@ class Namespace:
         return node.layers == (UPPER,)
 
     async def rename(self, p_old: Node, n_old: bytes, p_new: Node, n_new: bytes,
-                     exchange: bool, noreplace: bool) -> None:
+                     exchange: bool, noreplace: bool) -> Tuple[Node, ...]:
+        """Returns the nodes that moved (none for a rename of a name onto itself)."""
         ov = self.ov
         self.check_new_name(n_new)
         occ_old, src = self.resolve(p_old, n_old)
@@ -400,7 +401,7 @@ class Namespace:
         if exchange and dst is None:
             raise _err(errno.ENOENT)
         if dst is src:
-            return
+            return ()
         if src.is_dir and not self._pure_upper_dir(src):
             raise _err(errno.EXDEV)
         if dst is not None:
@@ -448,7 +449,7 @@ class Namespace:
             ov.name_changed(p_new, n_new)
             ov.changed(src)
             ov.changed(dst)
-            return
+            return src, dst
 
         upper_new = lstat_at(new_fd, n_new)
         held = None
@@ -473,6 +474,7 @@ class Namespace:
         ov.name_changed(p_old, n_old)
         ov.name_changed(p_new, n_new)
         ov.changed(src)
+        return (src,)
 
     def _rename_over(self, src, occ_old, p_old, n_old, p_new, n_new, old_fd, new_fd, dst,
                      upper_new) -> None:

@@ -12,12 +12,14 @@ import itertools
 import os
 from typing import Dict, Optional
 
+from .atime import open_noatime
 from .inodes import Node
 from .readdir import Listing
 
 
 class FileHandle:
-    __slots__ = ("fh", "fd", "node", "flags", "writable", "nowait", "direct", "_buffered")
+    __slots__ = ("fh", "fd", "node", "flags", "writable", "nowait", "direct", "_buffered",
+                 "atime_pending", "wrote")
 
     def __init__(self, fh: int, fd: int, node: Node, flags: int, writable: bool):
         self.fh, self.fd, self.node, self.flags, self.writable = fh, fd, node, flags, writable
@@ -25,6 +27,8 @@ class FileHandle:
         # opened with O_DIRECT (so is self.fd): I/O goes through directio
         self.direct = bool(flags & os.O_DIRECT)
         self._buffered: Optional[int] = None
+        self.atime_pending = False  # the first read records an atime (ops.open, atime.py)
+        self.wrote = False          # data was written through it
 
     def buffered_fd(self) -> int:
         """The same file opened without O_DIRECT (made on first use; see directio)."""
@@ -43,8 +47,8 @@ class FileHandle:
         if self.writable:
             return
         from .overlay import UPPER
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
-                     (os.O_DIRECT if self.direct else 0), dir_fd=ov.dirfd(parent, UPPER))
+        fd = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
+                          (os.O_DIRECT if self.direct else 0), ov.dirfd(parent, UPPER))
         old, self.fd = self.fd, fd
         self.nowait = True
         os.close(old)

@@ -11,12 +11,13 @@ import functools
 import logging
 import os
 import stat
+import time
 from typing import Optional
 
 import pyfuse3
 import trio
 
-from . import creds, directio, filedata, whiteout
+from . import atime, creds, directio, filedata, whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir, copy_up_removed_dir
 from .dirops import Namespace
@@ -86,6 +87,8 @@ def handler(fn):
                 self._drop_listings()
             if self.ov.pending_invalidations:
                 await self._flush_invalidations(name in _NO_DIR_LOCK)
+            if self._stale_attrs:
+                await self._flush_stale_attrs()
         if debug:
             log.debug("<- %s ok", name)
         return result
@@ -113,6 +116,7 @@ class Operations(pyfuse3.Operations):
         self.debug = config.debug
         self.writable = ov.writable
         self.enable_writeback_cache = bool(config.writeback and self.writable)
+        self.exact_ctime = self.enable_writeback_cache and config.exact_ctime
         self.handles = HandleTable()
         self.tune_pending = False
         # past this many nodes (about 1.2 KiB each) trim_nodes has the kernel forget some
@@ -120,6 +124,13 @@ class Operations(pyfuse3.Operations):
         if self.writable:
             self.cu = CopyUp(ov, work, fsync=config.fsync, metacopy=config.metacopy)
             self.ns = Namespace(ov, work, self.cu, userxattr=config.userxattr)
+        # reads of upper files record atimes (atime.py); never on a read-only mount
+        self.toucher = atime.Toucher(ov.upper.root_fd) \
+            if self.writable and config.atime != atime.NOATIME else None
+        # files just linked, renamed or unlinked: the kernel flushes their cached times
+        # with a SETATTR while it holds the directory's lock (see setattr)
+        self._ns_changed: set = set()
+        self._stale_attrs: list = []       # inodes whose attributes the kernel must refetch
 
     def init(self):
         # called while pyfuse3 handles INIT, just before it replies: the bdi is tuned at
@@ -190,6 +201,16 @@ class Operations(pyfuse3.Operations):
             except OSError as e:          # ENOENT: the kernel no longer knows the directory
                 log.debug("invalidate_inode %d: %s", ino, e)
 
+    async def _flush_stale_attrs(self) -> None:
+        """Make the kernel fetch the attributes of these inodes again before the reply (no
+        lock is needed for that, whatever the request holds)."""
+        pending, self._stale_attrs = self._stale_attrs, []
+        for ino in pending:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+            except OSError as e:          # ENOENT: the kernel had already dropped it
+                log.debug("invalidate_inode %d: %s", ino, e)
+
     async def _flush_invalidations(self, wait: bool) -> None:
         """Make the kernel drop dentries that no longer name the node it has for them (the
         other lower hard links of a file that was just copied up).
@@ -231,6 +252,7 @@ class Operations(pyfuse3.Operations):
             node = self.ov.table.forget(ino, n)
             if node is not None:
                 self.ov.forget_node(node)
+                self._ns_changed.discard(ino)
 
     @handler
     async def getattr(self, inode, ctx):
@@ -263,7 +285,40 @@ class Operations(pyfuse3.Operations):
                     os.close(fd)
         if changes_inode:
             self._set_inode_attrs(node, attr, fields)
-        return ov.attrs(node, ov.stat_node(node))
+        st = ov.stat_node(node)
+        under_lock = node.ino in self._ns_changed
+        self._ns_changed.discard(node.ino)
+        if fields.update_ctime and st.st_ctime_ns != attr.st_ctime_ns:
+            # done before we reply, unless the kernel sends this holding a directory lock:
+            # the flush of the times it took for a link, rename or unlink of the file
+            self._reload_ctime(node, wait=not under_lock)
+        return ov.attrs(node, st)
+
+    def _reload_ctime(self, node: Node, wait: bool = False) -> None:
+        """With the writeback cache the kernel keeps its own ctime for a regular file (the
+        time of a write, chmod, link or rename, taken in its cache) and ignores ours until
+        it drops the inode; the upper file's ctime is the time we applied the change, a
+        little later, and cannot be set. With ``exact_ctime=1``, have the kernel drop the
+        names of the file, so that once nobody uses the inode it is evicted (a FUSE inode
+        goes with its last reference) and the next stat shows the upper's ctime, as the
+        kernel overlay shows it, before and after a remount. The costs: the file's next
+        lookup is a request, and a kill -9 of the daemon while such a notification waits
+        for a directory lock leaves the mount hung until its FUSE connection is aborted
+        (README: the same as for max_nodes), so it is off by default."""
+        if not self.exact_ctime or node.is_dir or node.unlinked:
+            return                      # the kernel takes ctime from our replies
+        try:
+            if not stat.S_ISREG(self.ov.stat_node(node).st_mode):
+                return
+        except (OSError, pyfuse3.FUSEError):
+            return
+        # ``wait``: before the reply (the request must hold no directory lock: see
+        # _flush_invalidations); otherwise soon after it
+        if wait:
+            self.ov.pending_invalidations.extend((p.ino, name) for p, name in node.paths)
+            return
+        for parent, name in node.paths:
+            pyfuse3.invalidate_entry_async(parent.ino, name, ignore_enoent=True)
 
     def _setattr_unlinked(self, node: Node, attr, fields, h):
         """A removed file that is still open: change it through an open descriptor. A
@@ -357,7 +412,7 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- files
     def _open_flags(self, flags: int) -> int:
         # O_TRUNC stays: libfuse asks for atomic_o_trunc, so the kernel passes it to open()
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOATIME)
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if self.enable_writeback_cache and (flags & os.O_ACCMODE) != os.O_RDONLY:
             # the kernel may read through any handle to fill its cache, and it owns
@@ -374,18 +429,30 @@ class Operations(pyfuse3.Operations):
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             self._need_writable()
+            was_lower = node.layer != UPPER
             await self.cu.copy_up(node, data=not flags & os.O_TRUNC)
+            if was_lower:
+                # the copy's ctime, not the lower's: no reply carries it to the kernel
+                self._stale_attrs.append(node.ino)
+                self._reload_ctime(node, wait=True)
         # a metadata-only copy reads its data from the lower layer that holds it
         dir_fd, name = self.ov.parent_fd(node, node.layers[-1])
-        fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
+        fd = atime.open_noatime(name, self._open_flags(flags), dir_fd)
         h = self.handles.open_file(fd, node, flags, bool(writing))
-        return self._file_info(h)
+        info = self._file_info(h)
+        if self.toucher is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and \
+                node.layer == UPPER and atime.due(self.config.atime, os.fstat(fd),
+                                                  time.time_ns()):
+            # the read is due to update the atime: let the first one reach us
+            h.atime_pending = True
+            info.keep_cache = False
+        return info
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._need_writable()
         parent = self._node(parent_inode)
-        oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL
+        oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOATIME
 
         def maker(dir_fd: int, n: bytes, m: int) -> int:
             return os.open(n, oflags, stat.S_IMODE(m), dir_fd=dir_fd)
@@ -409,6 +476,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def read(self, fh, off, size):
         h = self.handles.files[fh]
+        if h.atime_pending:
+            h.atime_pending = False
+            self.toucher.touch(h.fd)
+            self.ov.changed(h.node)
         if h.direct:
             if size < BIG_IO:
                 return directio.pread(h.fd, size, off)
@@ -440,6 +511,9 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh, off, buf):
         h = self.handles.files[fh]
+        if not h.wrote:
+            h.wrote = True
+            self._reload_ctime(h.node)    # our writes move the upper's times: see release
         if h.direct:
             cached = any(o.writable and not o.direct for o in h.node.handles if o is not h)
             if len(buf) < BIG_IO:
@@ -461,12 +535,19 @@ class Operations(pyfuse3.Operations):
         h = self.handles.release_file(fh)
         if h is not None and h.writable:
             self.ov.changed(h.node)
+            if h.wrote:
+                # our writes moved the upper's mtime and ctime after the kernel took its
+                # own (it sends no times when its coarse clock did not move)
+                self._reload_ctime(h.node)
+            if not h.node.handles:
+                self._ns_changed.discard(h.node.ino)
 
     @handler
     async def fallocate(self, fh, mode, offset, length):
         h = self.handles.files[fh]
         await filedata.fallocate(h.fd, mode, offset, length)
         self.ov.changed(h.node)
+        self._reload_ctime(h.node)
 
     @handler
     async def lseek(self, fh, offset, whence):
@@ -485,6 +566,7 @@ class Operations(pyfuse3.Operations):
         ho = files[fh_out]
         n = await filedata.copy_range(files[fh_in].fd, off_in, ho.fd, off_out, length)
         self.ov.changed(ho.node)
+        self._reload_ctime(ho.node)
         return n
 
     @handler
@@ -610,12 +692,19 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._need_writable()
         node = await self.ns.link(self._node(inode), self._node(new_parent_inode), new_name)
+        self._ns_changed.add(node.ino)
+        self._reload_ctime(node)
         return self._entry(node)
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
         self._need_writable()
-        await self.ns.unlink(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        node = self.ov.child(parent, name)
+        await self.ns.unlink(parent, name)
+        if node is not None and node.paths:
+            self._ns_changed.add(node.ino)
+            self._reload_ctime(node)              # other names of it are left
 
     @handler
     async def rmdir(self, parent_inode, name, ctx):
@@ -627,10 +716,15 @@ class Operations(pyfuse3.Operations):
         self._need_writable()
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
             raise fuse_error(errno.EINVAL)
-        await self.ns.rename(self._node(parent_inode_old), name_old,
-                             self._node(parent_inode_new), name_new,
-                             bool(flags & pyfuse3.RENAME_EXCHANGE),
-                             bool(flags & pyfuse3.RENAME_NOREPLACE))
+        p_new = self._node(parent_inode_new)
+        replaced = self.ov.child(p_new, name_new)
+        moved = await self.ns.rename(self._node(parent_inode_old), name_old, p_new, name_new,
+                                     bool(flags & pyfuse3.RENAME_EXCHANGE),
+                                     bool(flags & pyfuse3.RENAME_NOREPLACE))
+        for node in moved + ((replaced,) if replaced is not None else ()):
+            self._ns_changed.add(node.ino)
+        for node in moved:
+            self._reload_ctime(node)
 
     # ---------------------------------------------------------------- xattrs
     @handler
@@ -665,6 +759,7 @@ class Operations(pyfuse3.Operations):
         with self.ov.object_path(node) as p:
             os.setxattr(p, sname, value)
         self.ov.changed(node)
+        self._reload_ctime(node, wait=True)
 
     @handler
     async def removexattr(self, inode, name, ctx):
@@ -679,3 +774,4 @@ class Operations(pyfuse3.Operations):
         with self.ov.object_path(node) as p:
             os.removexattr(p, sname)
         self.ov.changed(node)
+        self._reload_ctime(node, wait=True)

@@ -167,6 +167,8 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
             trio.run(_serve, ops)
         finally:
             ops.handles.close_all()
+            if ops.toucher is not None:
+                ops.toucher.close()
             if ops.writable:
                 ops.ns.close()
             pyfuse3.close(unmount=not _detached)
