@@ -55,7 +55,7 @@ Overlay options:
   metacopy=on|off, redirect_dir=off|nofollow, index=off, xino=off|auto
 Caching options:
   timeout=SECONDS  kernel entry/attribute cache timeout (default 86400)
-  writeback=0|1    FUSE writeback cache (default 1)
+  writeback=0|1    FUSE writeback cache (default 1, unless passthrough is on)
   keep_cache=0|1   keep page cache of unchanged files across opens (default 1)
   exact_ctime=0|1  with the writeback cache, have the kernel drop a changed file's inode
                    so that stat shows the upper file's ctime (default 0; see README)
@@ -63,6 +63,9 @@ Caching options:
                    daemon's memory (default 0 = never; see README for the trade-offs)
   spin_us=N        after a reply, poll for the next request for up to N microseconds
                    before sleeping (default 50; 0 = never; off on a single CPU)
+  passthrough=auto|on|off
+                   FUSE passthrough: the kernel does file I/O on upper files directly
+                   (default auto: where the kernel allows it; on: or fail the mount)
 FUSE / mount options:
   allow_other, allow_root, default_permissions, fsname=NAME, subtype=NAME,
   rw, ro, dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync
@@ -111,7 +114,9 @@ class Config:
     timeout: float = 86400.0             # entry/attr cache timeout, seconds
     max_nodes: int = 0                   # node table size that starts trimming; 0 = off
     spin_us: int = 50                    # busy-poll for the next request; 0 = off
-    writeback: bool = True               # FUSE writeback cache
+    writeback: bool = True               # FUSE writeback cache (if no passthrough)
+    writeback_explicit: bool = False     # writeback= was given
+    passthrough: str = "auto"            # FUSE passthrough: auto, on or off
     keep_cache: bool = True              # keep page cache across opens of unchanged files
     extra_fuse_options: Tuple[str, ...] = field(default_factory=tuple)  # dev,suid,noatime...
     xino: str = "off"                    # 'off' or 'auto' (accepted; st_ino policy hint)
@@ -312,7 +317,7 @@ ACCEPTED_OPTIONS = tuple(sorted(
     set(_FUSE_FLAGS) | _IGNORED_FLAGS | {f"{k}=" for k in _IGNORED_KEYS} | {
         "lowerdir=", "upperdir=", "workdir=", "volatile", "fsync=", "userxattr", "metacopy=",
         "redirect_dir=", "index=", "xino=", "timeout=", "writeback=", "keep_cache=",
-        "max_nodes=", "spin_us=", "exact_ctime=", "relatime", "norelatime", "strictatime", "nostrictatime",
+        "max_nodes=", "spin_us=", "passthrough=", "exact_ctime=", "relatime", "norelatime", "strictatime", "nostrictatime",
         "uidmapping=", "gidmapping=", "allow_other", "allow_root", "default_permissions",
         "fsname=", "subtype=", "x-*",
     }))
@@ -467,6 +472,12 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
             kw[key] = int(value)
         elif key == "writeback":
             kw["writeback"] = _bool01(key, value)
+            kw["writeback_explicit"] = True
+        elif key == "passthrough":
+            if value not in ("auto", "on", "off"):
+                raise ConfigError(f"bad value for mount option passthrough: {_show(value)} "
+                                  "(expected auto, on or off)")
+            kw["passthrough"] = value
         elif key == "keep_cache":
             kw["keep_cache"] = _bool01(key, value)
         elif key == "exact_ctime":
@@ -522,6 +533,9 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
         kw["fsname"] = source            # mount(8) form: show SOURCE in /proc/mounts, as FUSE does
     if kw.get("allow_other") and fuse_flags.get("allow") == "allow_root":
         raise ConfigError("allow_other and allow_root are mutually exclusive")
+    if kw.get("passthrough") == "on" and kw.get("writeback_explicit") and kw.get("writeback"):
+        raise ConfigError("passthrough=on and writeback=1 exclude each other (the kernel "
+                          "has no writeback cache on a passthrough connection)")
 
     # the kernel's do_new_mount: strictatime beats noatime, which beats relatime
     kw["atime"] = "strictatime" if atime_flags["strictatime"] else \

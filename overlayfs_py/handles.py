@@ -19,9 +19,10 @@ from .readdir import Listing
 
 class FileHandle:
     __slots__ = ("fh", "fd", "node", "flags", "writable", "nowait", "direct", "_buffered",
-                 "atime_pending", "wrote")
+                 "atime_pending", "wrote", "backing_id")
 
-    def __init__(self, fh: int, fd: int, node: Node, flags: int, writable: bool):
+    def __init__(self, fh: int, fd: int, node: Node, flags: int, writable: bool,
+                 backing_id: int = 0):
         self.fh, self.fd, self.node, self.flags, self.writable = fh, fd, node, flags, writable
         self.nowait = True          # the file's filesystem may take RWF_NOWAIT reads
         # opened with O_DIRECT (so is self.fd): I/O goes through directio
@@ -29,6 +30,7 @@ class FileHandle:
         self._buffered: Optional[int] = None
         self.atime_pending = False  # the first read records an atime (ops.open, atime.py)
         self.wrote = False          # data was written through it
+        self.backing_id = backing_id    # > 0: the kernel passes this open through
 
     def buffered_fd(self) -> int:
         """The same file opened without O_DIRECT (made on first use; see directio)."""
@@ -71,8 +73,9 @@ class HandleTable:
         self.files: Dict[int, FileHandle] = {}
         self.dirs: Dict[int, DirHandle] = {}
 
-    def open_file(self, fd: int, node: Node, flags: int, writable: bool) -> FileHandle:
-        h = FileHandle(next(self._next), fd, node, flags, writable)
+    def open_file(self, fd: int, node: Node, flags: int, writable: bool,
+                  backing_id: int = 0) -> FileHandle:
+        h = FileHandle(next(self._next), fd, node, flags, writable, backing_id)
         self.files[h.fh] = h
         if node.handles is None:
             node.handles = set()

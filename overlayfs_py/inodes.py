@@ -31,7 +31,7 @@ class Node:
     """
 
     __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "listing",
-                 "handles", "unlinked", "attr", "kids", "__weakref__")
+                 "handles", "unlinked", "attr", "kids", "backing", "__weakref__")
 
     def __init__(self, ino: int, parent: Optional["Node"], name: bytes, is_dir: bool,
                  layers, key: Optional[Key]):
@@ -44,6 +44,9 @@ class Node:
         self.index = None
         self.listing = None
         self.handles = None          # set of open file handles, created on demand
+        # passthrough.Backing while passthrough opens use it; False once they did (the
+        # kernel's page cache of the inode may be stale then); None if never
+        self.backing = None
         self.unlinked = False
         # Caches, valid because the layers change only through us (overlayfs.rst: changing
         # them under a mounted overlay is undefined): the reply attributes, and for a

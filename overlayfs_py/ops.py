@@ -12,12 +12,12 @@ import logging
 import os
 import stat
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import pyfuse3
 import trio
 
-from . import atime, creds, directio, filedata, whiteout
+from . import atime, creds, directio, filedata, passthrough, whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir, copy_up_removed_dir
 from .dirops import Namespace
@@ -117,6 +117,13 @@ class Operations(pyfuse3.Operations):
         self.writable = ov.writable
         self.enable_writeback_cache = bool(config.writeback and self.writable)
         self.exact_ctime = self.enable_writeback_cache and config.exact_ctime
+        # FUSE passthrough (passthrough.py) is asked for at INIT unless ruled out already;
+        # if the kernel grants it, the connection has no writeback cache (init)
+        self.pt_off_reason = passthrough.why_not(config)
+        self.enable_passthrough = self.pt_off_reason is None
+        self.pt: Optional[passthrough.Passthrough] = None
+        self.on_init: Optional[Callable[[], None]] = None    # session: passthrough=on
+        self.init_error: Optional[str] = None
         self.handles = HandleTable()
         self.tune_pending = False
         # past this many nodes (about 1.2 KiB each) trim_nodes has the kernel forget some
@@ -136,6 +143,20 @@ class Operations(pyfuse3.Operations):
         # called while pyfuse3 handles INIT, just before it replies: the bdi is tuned at
         # the next request, once the kernel has taken the reply (tune_readahead)
         self.tune_pending = True
+        if self.enable_passthrough:
+            if pyfuse3.passthrough_enabled():
+                self.pt = passthrough.Passthrough(self.writable)
+                self.enable_writeback_cache = False       # pyfuse3 did not ask for it
+            else:
+                self.pt_off_reason = "the kernel did not offer FUSE passthrough at INIT"
+        if self.pt is None:
+            if self.config.passthrough == "on":
+                self.init_error = f"passthrough=on, but {self.pt_off_reason}"
+                pyfuse3.terminate()
+                return
+            passthrough.log_off(self.pt_off_reason)
+        if self.on_init is not None:
+            self.on_init()
 
     async def trim_nodes(self) -> None:
         """Keep the node table near ``max_nodes`` on trees bigger than that: ask the kernel
@@ -421,7 +442,18 @@ class Operations(pyfuse3.Operations):
         return flags
 
     def _file_info(self, h) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=self.config.keep_cache)
+        if h.backing_id:
+            # no other flag: the kernel refuses passthrough with FOPEN_KEEP_CACHE
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, backing_id=h.backing_id)
+        # after passthrough opens the inode's page cache may be stale: drop it
+        return pyfuse3.FileInfo(fh=h.fh,
+                                keep_cache=self.config.keep_cache and h.node.backing is None)
+
+    def _open_handle(self, fd: int, node: Node, flags: int, writable: bool):
+        """A handle for a new open of ``node`` through ``fd``, passed through by the kernel
+        where passthrough.Passthrough.eligible says so."""
+        bid = self.pt.open(node, fd, writable) if self.pt is not None else 0
+        return self.handles.open_file(fd, node, flags, writable, bid)
 
     @handler
     async def open(self, inode, flags, ctx):
@@ -438,11 +470,18 @@ class Operations(pyfuse3.Operations):
         # a metadata-only copy reads its data from the lower layer that holds it
         dir_fd, name = self.ov.parent_fd(node, node.layers[-1])
         fd = atime.open_noatime(name, self._open_flags(flags), dir_fd)
-        h = self.handles.open_file(fd, node, flags, bool(writing))
+        h = self._open_handle(fd, node, flags, bool(writing))
+        if h.backing_id and writing:
+            # attributes come from the upper file while it is open for writing (see
+            # Overlay._make_attrs); what the kernel cached before must go
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as e:
+                log.debug("invalidate_inode %d: %s", node.ino, e)
         info = self._file_info(h)
-        if self.toucher is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and \
-                node.layer == UPPER and atime.due(self.config.atime, os.fstat(fd),
-                                                  time.time_ns()):
+        if not h.backing_id and self.toucher is not None and \
+                (flags & os.O_ACCMODE) == os.O_RDONLY and node.layer == UPPER and \
+                atime.due(self.config.atime, os.fstat(fd), time.time_ns()):
             # the read is due to update the atime: let the first one reach us
             h.atime_pending = True
             info.keep_cache = False
@@ -459,7 +498,7 @@ class Operations(pyfuse3.Operations):
 
         node, fd = self.ns.make(parent, name, ctx.uid, ctx.gid, False, maker, mode,
                                 self._umask(ctx))
-        h = self.handles.open_file(fd, node, flags, True)
+        h = self._open_handle(fd, node, flags, True)
         return self._file_info(h), self._entry(node)
 
     @handler
@@ -470,7 +509,7 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         node, fd = self.ns.tmpfile(parent, ctx.uid, ctx.gid, mode, self._umask(ctx),
                                    self._open_flags(flags))
-        h = self.handles.open_file(fd, node, flags, True)
+        h = self._open_handle(fd, node, flags, True)
         return self._file_info(h), self._entry(node)
 
     @handler
@@ -533,7 +572,11 @@ class Operations(pyfuse3.Operations):
     @handler
     async def release(self, fh):
         h = self.handles.release_file(fh)
-        if h is not None and h.writable:
+        if h is None:
+            return
+        if h.backing_id:
+            self.pt.release(h.node, h.writable)
+        if h.writable:
             self.ov.changed(h.node)
             if h.wrote:
                 # our writes moved the upper's mtime and ctime after the kernel took its

@@ -416,7 +416,9 @@ class Overlay:
             if node.unlinked:
                 return os.fstat(self.removed_dir_fd(node))
             return os.fstat(self.dirfd(node, node.layer))
-        if node.handles:
+        if node.handles and len(node.layers) == 1:
+            # (not for a metacopy file: its handles are open on the lower data file,
+            # whose owner, mode and times are not the file's)
             return os.fstat(next(iter(node.handles)).fd)
         last = errno.ENOENT
         for parent, name in node.paths:
@@ -463,7 +465,9 @@ class Overlay:
         a.st_ino = node.ino
         a.generation = 0
         a.entry_timeout = self.entry_timeout
-        a.attr_timeout = self.attr_timeout
+        # A file open for writing in passthrough mode changes behind the kernel's cached
+        # attributes when written through a mapping: no caching until it is closed.
+        a.attr_timeout = 0 if node.backing and node.backing.writers else self.attr_timeout
         a.st_mode = st.st_mode
         nlink = st.st_nlink
         if node.is_dir and node.unlinked:

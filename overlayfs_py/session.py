@@ -154,6 +154,8 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
                 raise MountError(f"cannot prepare workdir {config.work!r}: {e.strerror}") \
                     from None
         ops = Operations(config, ov, work)
+        if config.passthrough == "on" and ops.pt_off_reason is not None:
+            raise MountError(f"passthrough=on, but {ops.pt_off_reason}")
         try:
             pyfuse3.init(ops, config.mountpoint, fuse_options(config))
         except (RuntimeError, OSError) as e:
@@ -163,8 +165,13 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
             set_spin(poll_spin_ns(config))
         try:
             if on_ready is not None:
-                on_ready()
+                if config.passthrough == "on":
+                    ops.on_init = on_ready    # live once the kernel granted it at INIT
+                else:
+                    on_ready()
             trio.run(_serve, ops)
+            if ops.init_error is not None:
+                raise MountError(ops.init_error)
         finally:
             ops.handles.close_all()
             if ops.toucher is not None:

@@ -102,6 +102,19 @@ def kernel_mode():
     return os.environ.get("OVL_TEST_PROG", "").strip() == "kernel"
 
 
+def passthrough_by_default() -> bool:
+    """Whether our daemon, mounted here with default options, uses FUSE passthrough (and
+    so no writeback cache): root, a kernel and pyfuse3 build that have it."""
+    if kernel_mode() or is_fuse_overlayfs() or os.environ.get("OVL_TEST_PROG", "").strip():
+        return False
+    try:
+        from overlayfs_py.config import Config
+        from overlayfs_py.passthrough import why_not
+    except ImportError:
+        return False
+    return why_not(Config(lowers=("/",), mountpoint="/")) is None
+
+
 class Stack:
     """Lower layers (top first) + upper + work + mount point under ``base/name``.
 
