@@ -31,7 +31,7 @@ class Node:
     """
 
     __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "listing",
-                 "handles", "unlinked", "attr", "kids", "backing", "__weakref__")
+                 "handles", "unlinked", "attr", "kids", "backing", "nocap", "__weakref__")
 
     def __init__(self, ino: int, parent: Optional["Node"], name: bytes, is_dir: bool,
                  layers, key: Optional[Key]):
@@ -47,6 +47,7 @@ class Node:
         # passthrough.Backing while passthrough opens use it; False once they did (the
         # kernel's page cache of the inode may be stale then); None if never
         self.backing = None
+        self.nocap = False           # known to have no security.capability (ops.getxattr)
         self.unlinked = False
         # Caches, valid because the layers change only through us (overlayfs.rst: changing
         # them under a mounted overlay is undefined): the reply attributes, and for a

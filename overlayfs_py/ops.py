@@ -33,6 +33,7 @@ TRIM_INTERVAL = 0.25       # seconds between checks of the node table's size (tr
 # requests during which the kernel holds no directory lock: they may wait for invalidations
 _NO_DIR_LOCK = frozenset(("open", "setattr", "setxattr", "removexattr"))
 READ_AHEAD_KB = 2048
+CAPABILITY = b"security.capability"
 
 
 def tune_readahead(mountpoint: str) -> None:
@@ -772,10 +773,23 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- xattrs
     @handler
     async def getxattr(self, inode, name, ctx):
+        node = self._node(inode)
+        if name == CAPABILITY:
+            # The kernel asks for this before every write(2) to a FUSE file (a write must
+            # drop file capabilities, and FUSE inodes never get S_NOSEC): one request per
+            # write. A file only gains it by setxattr through the mount, so remember a miss.
+            if node.nocap:
+                raise fuse_error(pyfuse3.ENOATTR)
+            try:
+                with self.ov.object_path(node) as p:
+                    return os.getxattr(p, "security.capability")
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    node.nocap = True
+                raise
         sname = os.fsdecode(name)
         if whiteout.is_private_xattr(sname):
             raise fuse_error(pyfuse3.ENOATTR)
-        node = self._node(inode)
         with self.ov.object_path(node) as p:
             return os.getxattr(p, sname)
 
@@ -799,6 +813,7 @@ class Operations(pyfuse3.Operations):
             raise fuse_error(errno.EOPNOTSUPP)
         node = self._node(inode)
         await self.cu.copy_up(node, meta_only=True)
+        node.nocap = False
         with self.ov.object_path(node) as p:
             os.setxattr(p, sname, value)
         self.ov.changed(node)

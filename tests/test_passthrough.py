@@ -242,3 +242,29 @@ def test_passthrough_option(make_layers, mounted, tmp_path):
     if wk.passthrough_by_default():
         m = mounted(stack, options=("passthrough=on",))
         assert (Path(wk.mp(m)) / "f").read_bytes() == b"x"
+
+
+# struct vfs_cap_data, revision 2, effective, permitted = CAP_NET_RAW
+CAP_NET_RAW = bytes.fromhex("01000002") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+def test_capability_seen_after_writes_remembered_none(ovl_pair):
+    """Writes make the kernel ask for security.capability each time, and the daemon
+    remembers that a file has none; a capability set later through the mount is seen,
+    and the next write drops it again -- as on the kernel overlay."""
+    res = {}
+    for side, root in ovl_pair({"bin/tool": layerkit.File(b"\x7fELF", mode=0o755)}):
+        p = root / "bin/tool"
+        with open(p, "r+b") as f:
+            for _ in range(3):
+                f.write(b"x")
+                f.flush()
+        got = [wk.attempt(os.getxattr, p, "security.capability")]
+        os.setxattr(p, "security.capability", CAP_NET_RAW)
+        got.append(wk.attempt(os.getxattr, p, "security.capability"))
+        with open(p, "ab") as f:
+            f.write(b"y")
+        got.append(wk.attempt(os.getxattr, p, "security.capability"))
+        res[side] = got
+    assert res["ours"] == res["kernel"] == [("err", "ENODATA"), ("ok", CAP_NET_RAW),
+                                            ("err", "ENODATA")], res
