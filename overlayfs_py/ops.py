@@ -146,8 +146,10 @@ class Operations(pyfuse3.Operations):
         self.tune_pending = True
         if self.enable_passthrough:
             if pyfuse3.passthrough_enabled():
-                self.pt = passthrough.Passthrough(self.writable)
+                self.pt = passthrough.Passthrough(
+                    self.writable, [lay.root_fd for lay in self.ov.layers], self.config.atime)
                 self.enable_writeback_cache = False       # pyfuse3 did not ask for it
+                self.exact_ctime = False                  # a writeback-cache matter
             else:
                 self.pt_off_reason = "the kernel did not offer FUSE passthrough at INIT"
         if self.pt is None:
@@ -453,7 +455,7 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, fd: int, node: Node, flags: int, writable: bool):
         """A handle for a new open of ``node`` through ``fd``, passed through by the kernel
         where passthrough.Passthrough.eligible says so."""
-        bid = self.pt.open(node, fd, writable) if self.pt is not None else 0
+        bid = self.pt.open(node, fd, writable, flags) if self.pt is not None else 0
         return self.handles.open_file(fd, node, flags, writable, bid)
 
     @handler

@@ -21,6 +21,15 @@ up (since 4.19), and a passthrough open could not move -- it would keep reading 
 file. The cost is that reading lower files of a writable mount goes through the daemon as
 before (its page cache, then one request per MiB); an open of a node that already has such
 a reader also stays cached, by the first rule.
+
+Access times: the kernel opens the backing file with the caller's flags, so reads through a
+passthrough open update the backing file's atime by the rules of the file system the layer
+is on, not ours (atime.py). The kernel overlay never touches a lower file's atime, and keeps
+an upper file's by the overlay mount's relatime/strictatime/noatime (never on a read-only
+mount). So an open that can read passes through only where the two agree
+(``_atime_agrees``): a lower layer on a read-only or noatime mount; an upper layer whose
+mount has the same atime rule as ours (the usual case: relatime on both). Write-only opens
+never touch the atime.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ log = logging.getLogger("overlayfs_py")
 
 MIN_KERNEL = (6, 9)
 CAP_SYS_ADMIN = 21
+ST_RDONLY, ST_NOATIME, ST_RELATIME = 0x1, 0x400, 0x1000
 
 
 class Backing:
@@ -85,6 +95,19 @@ def why_not(config: Config) -> Optional[str]:
     return None
 
 
+def _atime_agrees(fd: int, atime_kept: bool, atime_mode: str) -> bool:
+    """Whether reads through a passthrough open of a file in the layer of ``fd`` change its
+    atime as the overlay must: as ``atime_mode`` if ``atime_kept`` (a writable upper layer),
+    else never."""
+    try:
+        f = os.fstatvfs(fd).f_flag
+    except OSError:
+        return False
+    host = "noatime" if f & (ST_RDONLY | ST_NOATIME) else \
+        "relatime" if f & ST_RELATIME else "strictatime"
+    return host == (atime_mode if atime_kept else "noatime")
+
+
 def log_off(reason: str) -> None:
     """Once per mount, why passthrough=auto is off: at info level where that is by design
     (not root, the writeback cache asked for), as a warning where something is missing."""
@@ -96,22 +119,25 @@ class Passthrough:
     """Backing ids per node for one mount (``ops.Operations`` owns one when passthrough was
     granted at INIT)."""
 
-    def __init__(self, writable_mount: bool):
+    def __init__(self, writable_mount: bool, layer_fds, atime_mode: str):
         self.writable_mount = writable_mount
         self._failed: set = set()           # errnos already logged
+        self._readable_ok = [_atime_agrees(fd, i == UPPER and writable_mount, atime_mode)
+                             for i, fd in enumerate(layer_fds)]
 
-    def eligible(self, node: Node) -> bool:
+    def eligible(self, node: Node, flags: int = os.O_RDONLY) -> bool:
         if node.handles and not node.backing:
             return False                     # cached opens: the kernel would refuse it
         if node.backing:
             return True                      # the node's opens already pass through
-        if not self.writable_mount:
-            return True
-        return node.layers == (UPPER,)       # upper data; never lower or metacopy data
+        if self.writable_mount and node.layers != (UPPER,):
+            return False                     # lower or metacopy data on a writable mount
+        return (flags & os.O_ACCMODE) == os.O_WRONLY or self._readable_ok[node.layers[-1]]
 
-    def open(self, node: Node, fd: int, writable: bool) -> int:
-        """The backing id for a new open of ``node`` through ``fd``; 0: a cached open."""
-        if not self.eligible(node):
+    def open(self, node: Node, fd: int, writable: bool, flags: int) -> int:
+        """The backing id for a new open of ``node`` through ``fd`` (opened for ``flags``);
+        0: a cached open."""
+        if not self.eligible(node, flags):
             return 0
         b = node.backing
         if not b:

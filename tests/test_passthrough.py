@@ -21,7 +21,7 @@ import pytest
 
 import layerkit
 import writekit as wk
-from conftest import fuse_only
+from conftest import Stack, fuse_only
 
 pytestmark = pytest.mark.mount
 
@@ -82,13 +82,62 @@ def test_upper_files_pass_through(debug_mount):
     assert "read" in data_requests(m.log()), "a lower file of a writable mount passed through"
 
 
-def test_read_only_mount_passes_lower_files_through(debug_mount):
+@pytest.fixture
+def ro_bind(tmp_path):
+    """ro_bind(dir) -> a read-only bind mount of dir (unmounted afterwards)."""
+    made = []
+
+    def make(src):
+        dst = tmp_path / f"ro{len(made)}"
+        dst.mkdir()
+        subprocess.run(["mount", "--bind", str(src), str(dst)], check=True)
+        made.append(dst)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True)
+        return dst
+    try:
+        yield make
+    finally:
+        for d in reversed(made):
+            if subprocess.run(["umount", str(d)]).returncode != 0:
+                subprocess.run(["umount", "-l", str(d)])
+
+
+def test_lower_files_pass_through_where_their_atime_cannot_change(make_layers, mounted,
+                                                                  ro_bind):
+    """A mount without upper layer passes lower files through only where reading them
+    cannot change their atime (the kernel opens the backing file with the reader's flags,
+    and the kernel overlay never touches a lower file's atime): on a read-only (or
+    noatime) mount of the layer, not on this machine's relatime /tmp."""
     _need_passthrough()
-    _, mnt, m = debug_mount({"f": b"x" * (2 * MiB)}, upper=False)
-    assert (mnt / "f").read_bytes() == b"x" * (2 * MiB)
-    with open(mnt / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
-        assert mm[-1:] == b"x"
-    assert data_requests(m.log()) == []
+    stack = make_layers({"f": b"x" * (2 * MiB)})
+    for lower, passes in ((stack.lowers[0], False), (ro_bind(stack.lowers[0]), True)):
+        s = Stack(stack.root, [lower], None, None, stack.root / f"m{passes}")
+        s.mnt.mkdir()
+        m = mounted(s, prog=DEBUG_PROG)
+        mnt = Path(m.mountpoint)
+        atime = os.stat(stack.lowers[0] / "f").st_atime_ns
+        assert (mnt / "f").read_bytes() == b"x" * (2 * MiB)
+        with open(mnt / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert mm[-1:] == b"x"
+        assert (data_requests(m.log()) == []) == passes, (lower, data_requests(m.log()))
+        assert os.stat(stack.lowers[0] / "f").st_atime_ns == atime
+
+
+def test_upper_reads_pass_through_only_with_the_upper_atime_rule(make_layers, mounted):
+    """noatime on our mount, relatime on the upper's file system: a read through a
+    passthrough open would set the upper file's atime, so readers go through the daemon;
+    write-only opens still pass through."""
+    _need_passthrough()
+    stack = make_layers({}, upper=True)
+    m = mounted(stack, options=("noatime",), prog=DEBUG_PROG)
+    mnt = Path(m.mountpoint)
+    with open(mnt / "f", "wb") as f:
+        f.write(b"w" * MiB)
+    assert data_requests(m.log()) == [], "a write-only open did not pass through"
+    os.utime(stack.upper / "f", ns=(1_000_000_000, 2_000_000_000))
+    assert (mnt / "f").read_bytes() == b"w" * MiB
+    assert "read" in data_requests(m.log())
+    assert os.stat(stack.upper / "f").st_atime_ns == 1_000_000_000
 
 
 @pytest.mark.parametrize("how", ["write", "truncate", "append-mmap"])
