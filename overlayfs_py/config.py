@@ -52,7 +52,11 @@ Overlay options:
   userxattr        use user.overlay.* instead of trusted.overlay.* xattrs
   uidmapping=LAYER:MOUNT:LEN[:LAYER:MOUNT:LEN...], gidmapping=...
                    id mapping, as fuse-overlayfs (layer id LAYER+i appears as MOUNT+i)
-  metacopy=on|off, redirect_dir=off|nofollow, index=off, xino=off|auto
+  metacopy=on|off, xino=off|auto, index=off
+  redirect_dir=on|follow|nofollow|off
+                   renaming a lower or merged directory records an overlay.redirect
+                   (on), or EXDEV; redirects are followed with on and follow; off is
+                   follow or nofollow as the kernel's redirect_always_follow says
 Caching options:
   timeout=SECONDS  kernel entry/attribute cache timeout (default 86400)
   writeback=0|1    FUSE writeback cache (default 1, unless passthrough is on)
@@ -120,6 +124,7 @@ class Config:
     keep_cache: bool = True              # keep page cache across opens of unchanged files
     extra_fuse_options: Tuple[str, ...] = field(default_factory=tuple)  # dev,suid,noatime...
     xino: str = "off"                    # 'off' or 'auto' (accepted; st_ino policy hint)
+    redirect_dir: str = "follow"         # 'on', 'follow' or 'nofollow' ('off' resolved)
     atime: str = "relatime"              # 'relatime', 'strictatime' or 'noatime'
     exact_ctime: bool = False            # entry invalidations after changes (README)
     source: Optional[str] = None         # SOURCE of the mount(8) form (only used as fsname)
@@ -127,6 +132,31 @@ class Config:
     @property
     def writable(self) -> bool:
         return self.upper is not None and not self.read_only
+
+    @property
+    def redirect_create(self) -> bool:
+        """Renaming a lower or merged directory records an overlay.redirect (else EXDEV)."""
+        return self.redirect_dir == "on"
+
+    @property
+    def redirect_follow(self) -> bool:
+        return self.redirect_dir in ("on", "follow")
+
+
+REDIRECT_ALWAYS_FOLLOW = "/sys/module/overlay/parameters/redirect_always_follow"
+
+
+def resolve_redirect_dir(value: str) -> str:
+    """``off`` means what it means for the kernel overlay here: ``follow`` when the overlay
+    module's redirect_always_follow is set (its Kconfig default, and where the module
+    cannot be asked), else ``nofollow``."""
+    if value != "off":
+        return value
+    try:
+        with open(REDIRECT_ALWAYS_FOLLOW) as f:
+            return "follow" if f.read().strip() in ("Y", "y", "1") else "nofollow"
+    except OSError:
+        return "follow"
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,8 +484,10 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
                 raise ConfigError(f"bad value for mount option metacopy: {_show(value)} (expected on or off)")
             kw["metacopy"] = value == "on"
         elif key == "redirect_dir":
-            if value not in ("off", "nofollow"):
-                raise ConfigError(f"redirect_dir={value or ''} is not supported (only off or nofollow)")
+            if value not in ("on", "follow", "nofollow", "off"):
+                raise ConfigError(f"bad value for mount option redirect_dir: {_show(value)} "
+                                  "(expected on, follow, nofollow or off)")
+            kw["redirect_dir"] = value
         elif key == "index":
             if value != "off":
                 raise ConfigError(f"index={value or ''} is not supported (only index=off)")
@@ -529,6 +561,14 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
 
     if kw.get("volatile"):
         kw["fsync"] = False
+    # the kernel's params.c: userxattr takes no redirects (an unprivileged user could set
+    # them) and forces nofollow; asking for more is an error (off, which the kernel refuses
+    # too, is taken as nofollow: option strings written for fuse-overlayfs carry it)
+    if kw.get("userxattr"):
+        if kw.get("redirect_dir", "nofollow") not in ("nofollow", "off"):
+            raise ConfigError(f"conflicting options: userxattr,redirect_dir={kw['redirect_dir']}")
+        kw["redirect_dir"] = "nofollow"
+    kw["redirect_dir"] = resolve_redirect_dir(kw.get("redirect_dir", "off"))
     if source and "fsname" not in kw:
         kw["fsname"] = source            # mount(8) form: show SOURCE in /proc/mounts, as FUSE does
     if kw.get("allow_other") and fuse_flags.get("allow") == "allow_root":

@@ -171,7 +171,12 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
     node.layers = (UPPER,) + tuple(node.layers)
     ov.changed(node)
     ov.refresh_entry(parent, node.name)
-    return ov.dirfd(node, UPPER)
+    fd = ov.dirfd(node, UPPER)
+    # found by its upper copy from now on (a lookup after a rename must not make a second
+    # node for it)
+    st = os.fstat(fd)
+    ov.table.rekey(node, (UPPER, st.st_dev, st.st_ino))
+    return fd
 
 
 class CopyUp:

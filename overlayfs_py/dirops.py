@@ -4,9 +4,10 @@
   put in place atomically: built in the workdir and renamed over the upper entry (exchanged with
   it for a directory, which is then deleted in the workdir).
 - A directory created where a whiteout hides a lower one is made opaque, so the old contents never
-  come back. A plain mkdir in a merged parent is not (the kernel skips that optimisation unless
-  redirect_dir/index/metacopy are on).
-- Renaming a lower or merged directory fails with EXDEV (no redirect_dir), so mv(1) copies.
+  come back. A plain mkdir in a merged parent is opaque only with redirect_dir=on, as in the
+  kernel (which skips that otherwise).
+- Renaming a lower or merged directory fails with EXDEV (so mv(1) copies), unless
+  redirect_dir=on: then it records an overlay.redirect (see rename), as the kernel does.
 - Names starting with ``.wh.`` cannot be created (EINVAL): they would be read as whiteouts.
 """
 from __future__ import annotations
@@ -255,7 +256,10 @@ class Namespace:
         if umask and not has_default_acl(parent_fd):
             mode &= ~umask
         luid, lgid, sgid = self._owner(parent_fd, uid, gid)
-        if over_whiteout or (is_dir and oci):
+        # with redirects (or metacopy) on, the kernel makes every new directory of a merged
+        # parent opaque (ovl_create_upper: no offline changes to lower layers are allowed)
+        opaque_dir = is_dir and self.ov.config.redirect_create and len(parent.layers) > 1
+        if over_whiteout or (is_dir and (oci or opaque_dir)):
             # built in the workdir: a directory must be opaque before it shows
             result = self._make_staged(parent_fd, name, luid, lgid, sgid, is_dir, maker,
                                        mode, over_whiteout)
@@ -402,10 +406,11 @@ class Namespace:
             raise _err(errno.ENOENT)
         if dst is src:
             return ()
-        if src.is_dir and not self._pure_upper_dir(src):
+        redirect = self.ov.config.redirect_create
+        if src.is_dir and not self._pure_upper_dir(src) and not redirect:
             raise _err(errno.EXDEV)
         if dst is not None:
-            if exchange and dst.is_dir and not self._pure_upper_dir(dst):
+            if exchange and dst.is_dir and not self._pure_upper_dir(dst) and not redirect:
                 raise _err(errno.EXDEV)
             if not exchange:
                 if dst.is_dir and not src.is_dir:
@@ -414,6 +419,9 @@ class Namespace:
                     raise _err(errno.ENOTDIR)
                 if dst.is_dir and ov.index(dst):
                     raise _err(errno.ENOTEMPTY)
+        # directories whose lower layers have them elsewhere after this: they get a redirect
+        moving = [n for n in (src, dst if exchange else None)
+                  if n is not None and n.is_dir and not self._pure_upper_dir(n)]
         await self.cu.settle(src)
         if dst is not None:
             await self.cu.settle(dst)
@@ -431,7 +439,74 @@ class Namespace:
             raise _err(errno.ENOENT)
         old_fd = ensure_upper_dir(ov, self.work, p_old)
         new_fd = ensure_upper_dir(ov, self.work, p_new)
+        redirects = self._set_redirects(moving, p_old is p_new)
+        try:
+            moved = await self._rename_upper(src, dst, occ_old, p_old, n_old, p_new, n_new,
+                                             old_fd, new_fd, exchange)
+        except BaseException:
+            self._undo_redirects(redirects)
+            raise
+        for node, _old, value, where in redirects:
+            ov.redirects[node.ino] = {**ov.redirects.get(node.ino, {}), **where}
+            ov.redirect_value[node.ino] = value
+            ov.drop_fds(node)                 # (reopened at the recorded places)
+        return moved
 
+    def _set_redirects(self, nodes, samedir: bool):
+        """Record where the lower layers have each directory about to move: an
+        overlay.redirect on its upper copy (the kernel's ovl_set_redirect: its old name if it
+        stays in its parent, else its path from the root, built from the ancestors' own
+        redirects; an existing one is kept if it still holds), and {layer: path} for us.
+        Returns [(node, previous value, value, {layer: path})] for _undo_redirects."""
+        ov = self.ov
+        done = []
+        try:
+            for node in nodes:
+                where = {layer: ov.layer_components(node, layer)
+                         for layer in node.layers if layer != UPPER}
+                old = ov.redirect_value.get(node.ino)
+                if old is not None and (samedir or old.startswith(b"/")):
+                    done.append((node, old, old, where))
+                    continue
+                value = node.name if samedir else self._absolute_redirect(node)
+                os.setxattr(ov.dirfd(node, UPPER), ov.redirect_xattr, value)
+                done.append((node, old, value, where))
+        except BaseException:
+            self._undo_redirects(done)
+            raise
+        return done
+
+    def _absolute_redirect(self, node: Node) -> bytes:
+        parts = []
+        d = node
+        while d.paths:
+            seg = self.ov.redirect_value.get(d.ino, d.name)
+            if seg.startswith(b"/"):
+                parts.append(seg[1:])
+                break
+            parts.append(seg)
+            d = d.parent
+        value = b"/" + b"/".join(reversed(parts))
+        if len(value) > whiteout.REDIRECT_MAX:
+            raise _err(errno.EXDEV)           # as the kernel: mv(1) copies it instead
+        return value
+
+    def _undo_redirects(self, done) -> None:
+        for node, old, value, _ in done:
+            if old == value:
+                continue
+            try:
+                fd = self.ov.dirfd(node, UPPER)
+                if old is None:
+                    os.removexattr(fd, self.ov.redirect_xattr)
+                else:
+                    os.setxattr(fd, self.ov.redirect_xattr, old)
+            except OSError as e:
+                log.warning("rename failed: redirect not taken back: %s", e)
+
+    async def _rename_upper(self, src, dst, occ_old, p_old, n_old, p_new, n_new, old_fd,
+                            new_fd, exchange):
+        ov = self.ov
         if exchange:
             # a directory landing in a merged parent must not merge with a lower namesake
             marked = [self._opaque_if_moved_into_merged(src, p_new),
@@ -519,7 +594,7 @@ class Namespace:
         """The kernel marks a (pure upper) directory opaque when it moves into a merged
         parent, so a lower directory of the same name there never shows through it.
         Returns the directory's fd if it was marked here (see _unmark_opaque)."""
-        if node.is_dir and len(new_parent.layers) > 1:
+        if node.is_dir and len(new_parent.layers) > 1 and self._pure_upper_dir(node):
             fd = self.ov.dirfd(node, UPPER)
             if not whiteout.dir_is_opaque(fd):
                 self.set_opaque(fd)

@@ -82,6 +82,14 @@ class Overlay:
         # removed directories the kernel still knows (an open fd, a cwd): ino -> an fd of
         # the removed object (hold_dir / detached_dir), until the kernel forgets them
         self.detached: Dict[int, int] = {}
+        # redirect_dir: directories whose lower layers hold them somewhere else than their
+        # parent's lower dirs under their own name (a redirect followed at lookup, or a
+        # rename): ino -> {layer: path from the layer root}; and the overlay.redirect value
+        # of a directory's upper copy, which the next rename builds on
+        self.redirect_follow = config.redirect_follow
+        self.redirect_xattr = whiteout.redirect_xattr(config.userxattr)
+        self.redirects: Dict[int, Dict[int, Tuple[bytes, ...]]] = {}
+        self.redirect_value: Dict[int, bytes] = {}
         self.pending_invalidations: List[Tuple[int, bytes]] = []
         # directories whose listing the kernel may cache (we answered a READDIR for them
         # since their last change), and those of them whose names changed since: the glue
@@ -117,13 +125,45 @@ class Overlay:
             return fd
         if not node.paths:
             raise fuse_error(errno.ENOENT)      # removed, still open somewhere
-        parent_fd = self.dirfd(node.parent, layer)
-        fd = open_dir_at(parent_fd, node.name)
+        where = self.redirects.get(node.ino)
+        if where is not None and layer in where:
+            fd = self._open_components(layer, where[layer])
+        else:
+            parent_fd = self.dirfd(node.parent, layer)
+            fd = open_dir_at(parent_fd, node.name)
         self._fds[key] = fd
         if len(self._fds) > FD_CACHE_SIZE:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def _open_components(self, layer: int, comps: Tuple[bytes, ...]) -> int:
+        """The directory at ``comps`` below the root of ``layer``, one O_NOFOLLOW component
+        at a time."""
+        fd = self.layers[layer].root_fd
+        owned = None
+        try:
+            for c in comps:
+                nxt = open_dir_at(fd, c)
+                if owned is not None:
+                    os.close(owned)
+                fd = owned = nxt
+        except BaseException:
+            if owned is not None:
+                os.close(owned)
+            raise
+        if owned is None:
+            return os.dup(fd)
+        return owned
+
+    def layer_components(self, node: Node, layer: int) -> Tuple[bytes, ...]:
+        """Where directory ``node`` is in ``layer``: its path from the layer's root."""
+        if node.ino == ROOT_INODE:
+            return ()
+        where = self.redirects.get(node.ino)
+        if where is not None and layer in where:
+            return where[layer]
+        return self.layer_components(node.parent, layer) + (node.name,)
 
     def drop_fds(self, node: Node) -> None:
         """Forget cached fds of a directory that was removed, forgotten or replaced."""
@@ -222,17 +262,23 @@ class Overlay:
         key = (top, _shared(st.st_dev), st.st_ino)
         node = self.table.find(key)
         if node is None or node.is_dir != is_dir or node.unlinked:
+            where = redirect = None
             if is_dir:
-                layers, opened = self._cut_dir_layers(parent, name, occ)
+                layers, opened, where, redirect = self._dir_layers(parent, name, occ)
             elif self.config.metacopy and len(occ) > 1 and stat.S_ISREG(st.st_mode) \
                     and not occ[1][1] and self._is_metacopy(parent, top, name):
                 layers = (top, occ[1][0])        # metadata here, data in the lower file
             else:
                 layers = _shared((top,))
-            ino_key = self._origin_key(parent, name, st, occ, layers, is_dir) or key
+            ino_key = self._origin_key(parent, name, st, occ, layers, is_dir,
+                                       opened if is_dir else None) or key
             node = self.table.add(
                 Node(self.table.new_ino(ino_key), parent, name, is_dir, layers, key))
             if is_dir:
+                if where:
+                    self.redirects[node.ino] = where
+                if redirect is not None:
+                    self.redirect_value[node.ino] = redirect
                 self._adopt_fds(node, opened)
         else:
             node.add_path(parent, name)
@@ -251,7 +297,7 @@ class Overlay:
         return node
 
     def _origin_key(self, parent: Node, name: bytes, st: os.stat_result, occ, layers,
-                    is_dir: bool):
+                    is_dir: bool, opened=None):
         """The object whose number a copied-up object keeps, as the kernel keeps st_ino
         across copy-up and remount: for a merged directory its bottom layer, for an upper
         non-directory marked as a copy-up (overlay.origin xattr) the lower file of the same
@@ -268,7 +314,10 @@ class Overlay:
                 if not any(_has_xattr(path, x) for x in ORIGIN_XATTRS):
                     return None
                 low = occ[1][0]
-            lst = lstat_at(self.dirfd(parent, low), name)
+            if opened and low in opened:
+                lst = os.fstat(opened[low])       # (where a redirect led)
+            else:
+                lst = lstat_at(self.dirfd(parent, low), name)
         except OSError:
             return None
         if lst is None or stat.S_IFMT(lst.st_mode) != stat.S_IFMT(st.st_mode):
@@ -322,6 +371,8 @@ class Overlay:
             fd = self.detached.pop(node.ino, None)
             if fd is not None:
                 os.close(fd)
+            self.redirects.pop(node.ino, None)
+            self.redirect_value.pop(node.ino, None)
 
     # ----------------------------------------------------------------- removed directories
     def hold_dir(self, node: Node) -> int:
@@ -379,23 +430,101 @@ class Overlay:
                 out.append((ino, name))
         return out
 
-    def _cut_dir_layers(self, parent: Node, name: bytes, occ):
-        """(layers of a directory down to the first opaque one, {layer: fd} opened on the
-        way). The fds are kept for the node: its listing needs them next."""
-        opened = {}
-        if len(occ) == 1:
-            return (occ[0][0],), opened
-        last = len(occ) - 1
-
-        def opaque(layer: int) -> bool:
-            if layer == occ[last][0]:
-                return False         # nothing below to hide
+    def _dir_layers(self, parent: Node, name: bytes, occ):
+        """(layers, {layer: fd opened on the way}, {layer: path where a redirect led},
+        the upper copy's redirect value) of a directory: its run of directories of the same
+        name down to the first opaque one -- unless one of them carries an overlay.redirect,
+        after which the layers below are searched at the redirected place instead (the
+        kernel's ovl_lookup: a relative redirect replaces the last name, in the parent's
+        directories; an absolute one is a path from each layer's root), or, without
+        redirect_dir=follow or on, the lookup fails with EPERM, as the kernel's. The fds
+        are kept for the node: its listing needs them next."""
+        opened: dict = {}
+        bottom = len(self.layers) - 1
+        layers = []
+        for i, (layer, is_dir) in enumerate(occ):
+            if not is_dir:
+                break
+            layers.append(layer)
+            more = i + 1 < len(occ) and occ[i + 1][1]
+            if layer == bottom:
+                break
             try:
                 fd = opened[layer] = open_dir_at(self.dirfd(parent, layer), name)
             except OSError:
-                return False
-            return whiteout.dir_is_opaque(fd)
-        return lookup.cut_at_opaque(occ, opaque), opened
+                break
+            found = self._read_redirect(fd)
+            if (more or found is not None) and whiteout.dir_is_opaque(fd):
+                break
+            if found is not None:
+                if not self.redirect_follow:
+                    # the kernel: "refusing to follow redirect" (nofollow, userxattr)
+                    for fd in opened.values():
+                        os.close(fd)
+                    raise fuse_error(errno.EPERM)
+                value, target = found
+                where = self._follow(parent, layer, target, layers, opened)
+                return tuple(layers), opened, where, value if layer == UPPER else None
+            if not more:
+                break
+        return tuple(layers), opened, None, None
+
+    def _read_redirect(self, fd: int):
+        """(raw value, (absolute, components)) of a directory's redirect, or None."""
+        try:
+            raw = os.getxattr(fd, self.redirect_xattr)
+        except OSError:
+            return None
+        target = whiteout.parse_redirect(raw)
+        if target is None:
+            log.warning("ignoring an invalid redirect %r", raw)
+            return None
+        return raw, target
+
+    def _follow(self, parent: Node, from_layer: int, target, layers, opened):
+        """Continue a directory's lookup below ``from_layer`` at ``target``; appends to
+        ``layers``/``opened``; returns {layer: path} for the layers found there."""
+        where: Dict[int, Tuple[bytes, ...]] = {}
+        bottom = len(self.layers) - 1
+        absolute, comps = target
+        cur = comps[-1]
+        for layer in range(from_layer + 1, bottom + 1):
+            if absolute:
+                path = comps
+            elif layer in parent.layers:      # a relative one: in the parent's dirs
+                path = self.layer_components(parent, layer) + (cur,)
+            else:
+                continue
+            try:
+                base = self._open_components(layer, path[:-1])
+            except OSError:
+                continue
+            try:
+                st = lstat_at(base, path[-1])
+                hidden = lstat_at(base, whiteout.WH_PREFIX + path[-1]) is not None
+                if st is None:
+                    if hidden:
+                        break
+                    continue
+                if whiteout.is_kernel_whiteout(st) or not stat.S_ISDIR(st.st_mode):
+                    break
+                fd = opened[layer] = open_dir_at(base, path[-1])
+            finally:
+                os.close(base)
+            layers.append(layer)
+            where[layer] = path
+            if layer == bottom or hidden or whiteout.dir_is_opaque(fd):
+                break
+            found = self._read_redirect(fd)
+            if found is not None:
+                absolute2, comps2 = found[1]
+                if absolute2:
+                    absolute, comps = True, comps2
+                elif absolute:
+                    comps = comps[:-1] + comps2
+                else:
+                    cur = comps2[-1]
+        return where
 
     def _adopt_fds(self, node: Node, opened) -> None:
         for layer, fd in opened.items():

@@ -102,3 +102,33 @@ def is_xwhiteout(path: str) -> bool:
         except OSError:
             continue
     return False
+
+
+# Redirects (redirect_dir): a directory renamed away from where its lower layers have it
+# carries overlay.redirect: a name (moved within its parent) or a path from the root of
+# the layers (moved elsewhere), which lookups in the layers below follow instead of the
+# directory's own name. Only the mount's own namespace is read (kernel: ovl_check_redirect).
+REDIRECT_XATTR = "trusted.overlay.redirect"
+USER_REDIRECT_XATTR = "user.overlay.redirect"
+REDIRECT_MAX = 256          # the kernel's redirect_max: longer absolute redirects -> EXDEV
+
+
+def redirect_xattr(userxattr: bool) -> str:
+    return USER_REDIRECT_XATTR if userxattr else REDIRECT_XATTR
+
+
+def parse_redirect(value: bytes):
+    """``(absolute, components)`` of a redirect, or None if it is not one the kernel
+    follows (empty, ``//``, a trailing ``/``, a ``/`` in a relative one) -- nor ``.``,
+    ``..`` or a NUL, which would lead out of the layer."""
+    if not value or b"\0" in value:
+        return None
+    if value.startswith(b"/"):
+        comps = value[1:].split(b"/")
+        absolute = True
+    else:
+        comps = [value]
+        absolute = False
+    if any(c in (b"", b".", b"..") for c in comps):
+        return None
+    return absolute, tuple(comps)

@@ -198,7 +198,7 @@ def test_no_lowerdir(d):
     ("lowerdir={a},uidmapping=0:100000", "bad uidmapping '0:100000'"),
     ("lowerdir={a},gidmapping=0:x:1", "bad gidmapping"),
     ("lowerdir={a},timeout=soon", "timeout"),
-    ("lowerdir={a},redirect_dir=on", "redirect_dir=on is not supported"),
+    ("lowerdir={a},redirect_dir=sometimes", "bad value for mount option redirect_dir"),
     ("lowerdir={a},foo", "unknown mount option 'foo'"),
     ("lowerdir={a},,,bar=1,", "unknown mount option 'bar=1'"),
     ('lowerdir={a},context="abc', "unterminated quote"),
