@@ -28,10 +28,11 @@ class Node:
     ``layers`` is the top layer first: one entry for a non-directory, and for a directory every
     layer it merges (None until first needed). ``index`` caches a directory's merged listing
     (name -> occurrences), ``listing`` the same names in readdir order (readdir.Listing).
+    ``key`` is given as a (layer, st_dev, st_ino) tuple; the InodeTable keeps it packed.
     """
 
     __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "listing",
-                 "handles", "unlinked", "attr", "kids", "backing", "nocap", "__weakref__")
+                 "handles", "unlinked", "attr", "kids", "backing", "nocap")
 
     def __init__(self, ino: int, parent: Optional["Node"], name: bytes, is_dir: bool,
                  layers, key: Optional[Key]):
@@ -97,9 +98,19 @@ def derived_ino(layer: int, st_ino: int) -> Optional[int]:
 
 
 class InodeTable:
+    """ino -> node, and the node backed by an object (its key).
+
+    A key is stored packed into one int (a number for its (layer, st_dev), then st_ino), and
+    most nodes need no entry in ``by_key``: a file's inode number is derived from its key, so
+    ``nodes[derived_ino(key)]`` finds it. ``by_key`` holds only the others (a merged directory
+    numbered after its bottom layer, a copied-up file keeping its number, a fallback number).
+    A node whose key was dropped, or taken over by a newer node, has ``key`` None. That is
+    ~100 bytes a node less than a (layer, st_dev, st_ino) tuple in a dict."""
+
     def __init__(self, root: Node):
         self.nodes: Dict[int, Node] = {ROOT_INODE: root}
-        self.by_key: Dict[Key, Node] = {}
+        self.by_key: Dict[int, Node] = {}
+        self._devs: Dict[Tuple[int, int], int] = {}     # (layer, st_dev) -> number
         self._fallback = itertools.count(_FALLBACK_BASE)
         root.nlookup = 1
 
@@ -109,8 +120,22 @@ class InodeTable:
     def get(self, ino: int) -> Optional[Node]:
         return self.nodes.get(ino)
 
+    def _pack(self, key: Key) -> int:
+        layer, dev, st_ino = key
+        n = self._devs.get((layer, dev))
+        if n is None:
+            n = self._devs[(layer, dev)] = len(self._devs) + 1
+        return n << 64 | st_ino
+
+    def _holder(self, packed: int, key: Key) -> Optional[Node]:
+        node = self.by_key.get(packed)
+        if node is not None:
+            return node
+        node = self.nodes.get(derived_ino(key[0], key[2]))
+        return node if node is not None and node.key == packed else None
+
     def find(self, key: Key) -> Optional[Node]:
-        return self.by_key.get(key)
+        return self._holder(self._pack(key), key)
 
     def new_ino(self, key: Key) -> int:
         ino = derived_ino(key[0], key[2])
@@ -118,10 +143,20 @@ class InodeTable:
             ino = next(self._fallback)
         return ino
 
+    def _bind(self, node: Node, key: Key) -> None:
+        packed = self._pack(key)
+        old = self._holder(packed, key)
+        if old is not None and old is not node:
+            self.drop_key(old)                     # the newer node is found by this key now
+        node.key = packed
+        if node.ino != derived_ino(key[0], key[2]):
+            self.by_key[packed] = node
+
     def add(self, node: Node) -> Node:
+        """Add a node built with its key as a tuple (or None)."""
         self.nodes[node.ino] = node
         if node.key is not None:
-            self.by_key[node.key] = node
+            self._bind(node, node.key)
         return node
 
     def rekey(self, node: Node, key: Key) -> None:
@@ -130,13 +165,14 @@ class InodeTable:
         The old key is dropped: a lower hard link of the copied file is another file now, as in
         the kernel without index=on."""
         self.drop_key(node)
-        node.key = key
-        self.by_key[key] = node
+        self._bind(node, key)
 
     def drop_key(self, node: Node) -> None:
         """The backing object is gone from the namespace; a new object may reuse its numbers."""
-        if node.key is not None and self.by_key.get(node.key) is node:
-            del self.by_key[node.key]
+        if node.key is not None:
+            if self.by_key.get(node.key) is node:
+                del self.by_key[node.key]
+            node.key = None
 
     def forget(self, ino: int, n: int) -> Optional[Node]:
         """Drop n kernel references; return the node if that removed it from the table."""

@@ -44,8 +44,8 @@ def fuse_error(err: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(err)
 
 
-# Values many nodes hold the same of: a non-directory's layers tuple (one layer) and the
-# st_dev in its key. One shared object each instead of one per node (~80 bytes a node).
+# A non-directory's layers tuple (one layer): one shared tuple per layer instead of one
+# per node.
 _SHARED: dict = {}
 
 
@@ -259,7 +259,7 @@ class Overlay:
         if stat.S_ISDIR(st.st_mode) != is_dir:
             is_dir = stat.S_ISDIR(st.st_mode)
             occ = ((top, is_dir),)
-        key = (top, _shared(st.st_dev), st.st_ino)
+        key = (top, st.st_dev, st.st_ino)
         node = self.table.find(key)
         if node is None or node.is_dir != is_dir or node.unlinked:
             where = redirect = None

@@ -106,3 +106,22 @@ def test_inode_numbers_unique_per_layer_and_never_reused_while_live():
     assert b_ino != a.ino
     assert table.forget(a.ino, 0) is a
     assert table.new_ino((0, 1, 5)) == a.ino
+
+
+def test_inode_table_keys_packed_taken_over_dropped_and_rekeyed():
+    root = Node(1, None, b"", True, (0,), None)
+    table = InodeTable(root)
+    k = (1, 7, 42)
+    a = table.add(Node(table.new_ino(k), root, b"a", False, (1,), k))
+    assert table.find(k) is a and table.by_key == {}        # numbered after its key
+    # the same object again as another node (a type change behind our back): the newer one
+    # is found by the key; the older keeps its number but no key
+    b = table.add(Node(table.new_ino(k), root, b"a", True, (1,), k))
+    assert b.ino != a.ino and table.find(k) is b and a.key is None
+    assert table.find((1, 8, 42)) is None                    # another device, same st_ino
+    # copy-up: b is backed by an upper object now and keeps its number
+    table.rekey(b, (0, 7, 99))
+    assert table.find(k) is None and table.find((0, 7, 99)) is b
+    table.drop_key(b)
+    assert table.find((0, 7, 99)) is None and table.get(b.ino) is b
+    assert table.forget(a.ino, 0) is a and table.get(a.ino) is None
