@@ -352,7 +352,7 @@ class CopyUp:
         node.layers = (UPPER,)
         ov.changed(node)
         others = node.paths[1:]
-        node.paths = node.paths[:1]
+        node.keep_first_path()
         ov.table.rekey(node, (UPPER, new.st_dev, new.st_ino))
         ov.refresh_entry(parent, name)      # upper now, lower occurrences still count
         if node.handles:

@@ -428,8 +428,7 @@ class Namespace:
         if not src.is_dir and src.paths and src.paths[0] != (p_old, n_old):
             # several names of one lower hard link share this node (README): copy up the
             # name being renamed, not whichever name was looked up first
-            src.paths.remove((p_old, n_old))
-            src.paths.insert(0, (p_old, n_old))
+            src.put_path_first(p_old, n_old)
         await self.cu.copy_up(src)
         if exchange:
             await self.cu.copy_up(dst)
@@ -479,7 +478,7 @@ class Namespace:
     def _absolute_redirect(self, node: Node) -> bytes:
         parts = []
         d = node
-        while d.paths:
+        while d.parent is not None:
             seg = self.ov.redirect_value.get(d.ino, d.name)
             if seg.startswith(b"/"):
                 parts.append(seg[1:])
@@ -519,7 +518,7 @@ class Namespace:
             for node, pa, na, pb, nb in ((src, p_old, n_old, p_new, n_new),
                                          (dst, p_new, n_new, p_old, n_old)):
                 node.remove_path(pa, na)
-                node.paths.insert(0, (pb, nb))
+                node.put_path_first(pb, nb)
             ov.name_changed(p_old, n_old)
             ov.name_changed(p_new, n_new)
             ov.changed(src)
@@ -545,7 +544,7 @@ class Namespace:
                 else:
                     os.close(held)
         src.remove_path(p_old, n_old)
-        src.paths.insert(0, (p_new, n_new))
+        src.put_path_first(p_new, n_new)
         ov.name_changed(p_old, n_old)
         ov.name_changed(p_new, n_new)
         ov.changed(src)

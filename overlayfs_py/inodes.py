@@ -16,6 +16,7 @@ import pyfuse3
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 _LAYER_SHIFT = 48
+_INO_MASK = (1 << _LAYER_SHIFT) - 1
 _FALLBACK_BASE = 1 << 62
 
 Key = Tuple[int, int, int]          # (layer, st_dev, st_ino) of the object that identifies a node
@@ -24,71 +25,120 @@ Key = Tuple[int, int, int]          # (layer, st_dev, st_ino) of the object that
 class Node:
     """One object of the merged view.
 
-    ``paths`` holds the (parent node, name) pairs it is known by (several for hard links).
-    ``layers`` is the top layer first: one entry for a non-directory, and for a directory every
-    layer it merges (None until first needed). ``index`` caches a directory's merged listing
-    (name -> occurrences), ``listing`` the same names in readdir order (readdir.Listing).
-    ``key`` is given as a (layer, st_dev, st_ino) tuple; the InodeTable keeps it packed.
+    ``paths`` lists the (parent node, name) pairs it is known by (several for hard links):
+    the first is kept in ``parent`` and ``name``, any others in ``more``; a node with no
+    name has ``parent`` None. ``layers`` is the top layer first: one entry for a
+    non-directory, and for a directory every layer it merges. ``key`` is given as a
+    (layer, st_dev, st_ino) tuple; the InodeTable keeps it packed.
+
+    A directory is a ``DirNode`` (``Node(..., is_dir=True, ...)`` makes one), which also has
+    ``index``, its merged listing (name -> occurrences), ``listing``, the same names in
+    readdir order (readdir.Listing), and ``kids``, its child nodes by name. A file has no
+    room for them (they read as None): a walk of a big tree makes mostly files, and every
+    slot is 8 bytes on each of them.
     """
 
-    __slots__ = ("ino", "paths", "is_dir", "layers", "nlookup", "key", "index", "listing",
-                 "handles", "unlinked", "attr", "kids", "backing", "nocap")
+    __slots__ = ("ino", "parent", "name", "more", "layers", "nlookup", "key",
+                 "handles", "unlinked", "attr", "backing", "nocap")
+
+    is_dir = False
+    index = listing = kids = None
+
+    def __new__(cls, ino, parent, name, is_dir, layers, key):
+        return object.__new__(DirNode if is_dir else Node)
 
     def __init__(self, ino: int, parent: Optional["Node"], name: bytes, is_dir: bool,
                  layers, key: Optional[Key]):
         self.ino = ino
-        self.paths: List[Tuple["Node", bytes]] = [(parent, name)] if parent is not None else []
-        self.is_dir = is_dir
+        self.parent = parent
+        self.name = name if parent is not None else b""
+        self.more: Optional[List[Tuple["Node", bytes]]] = None
         self.layers = layers
         self.nlookup = 0
         self.key = key
-        self.index = None
-        self.listing = None
         self.handles = None          # set of open file handles, created on demand
         # passthrough.Backing while passthrough opens use it; False once they did (the
         # kernel's page cache of the inode may be stale then); None if never
         self.backing = None
         self.nocap = False           # known to have no security.capability (ops.getxattr)
         self.unlinked = False
-        # Caches, valid because the layers change only through us (overlayfs.rst: changing
-        # them under a mounted overlay is undefined): the reply attributes, and for a
-        # directory the child nodes by name. Every operation that changes an object or a
-        # name clears the matching entry.
+        # Cached reply attributes, valid because the layers change only through us
+        # (overlayfs.rst: changing them under a mounted overlay is undefined). Every
+        # operation that changes an object clears them.
         self.attr = None
-        self.kids = None
 
     @property
-    def parent(self) -> Optional["Node"]:
-        return self.paths[0][0] if self.paths else None
+    def paths(self) -> List[Tuple["Node", bytes]]:
+        """The (parent, name) pairs, first one first (a new list: change it with the
+        methods below)."""
+        if self.parent is None:
+            return []
+        first = [(self.parent, self.name)]
+        return first + self.more if self.more else first
 
-    @property
-    def name(self) -> bytes:
-        return self.paths[0][1] if self.paths else b""
+    def _set_paths(self, paths: List[Tuple["Node", bytes]]) -> None:
+        if paths:
+            self.parent, self.name = paths[0]
+            self.more = paths[1:] or None
+        else:
+            self.parent, self.name, self.more = None, b"", None
 
     @property
     def layer(self) -> int:
         return self.layers[0]
 
     def add_path(self, parent: "Node", name: bytes) -> None:
-        if (parent, name) not in self.paths:
-            self.paths.append((parent, name))
+        if self.parent is None:
+            self.parent, self.name = parent, name
+        elif (parent, name) not in self.paths:
+            if self.more is None:
+                self.more = []
+            self.more.append((parent, name))
 
     def remove_path(self, parent: "Node", name: bytes) -> None:
+        paths = self.paths
         try:
-            self.paths.remove((parent, name))
+            paths.remove((parent, name))
         except ValueError:
-            pass
+            return
+        self._set_paths(paths)
+
+    def put_path_first(self, parent: "Node", name: bytes) -> None:
+        """Make (parent, name) the first path, adding it if it is not one yet."""
+        paths = self.paths
+        if (parent, name) in paths:
+            paths.remove((parent, name))
+        paths.insert(0, (parent, name))
+        self._set_paths(paths)
+
+    def keep_first_path(self) -> None:
+        self.more = None
 
     def relpath(self) -> bytes:
         parts = []
         node = self
-        while node.paths:
+        while node.parent is not None:
             parts.append(node.name)
             node = node.parent
         return b"/".join(reversed(parts))
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} /{self.relpath().decode(errors='replace')} layers={self.layers}>"
+
+
+class DirNode(Node):
+    """A directory: a Node with its merged index, readdir listing and child nodes."""
+
+    __slots__ = ("index", "listing", "kids")
+
+    is_dir = True
+
+    def __init__(self, ino: int, parent: Optional[Node], name: bytes, is_dir: bool,
+                 layers, key: Optional[Key]):
+        super().__init__(ino, parent, name, is_dir, layers, key)
+        self.index = None
+        self.listing = None
+        self.kids = None
 
 
 def derived_ino(layer: int, st_ino: int) -> Optional[int]:
@@ -105,7 +155,10 @@ class InodeTable:
     ``nodes[derived_ino(key)]`` finds it. ``by_key`` holds only the others (a merged directory
     numbered after its bottom layer, a copied-up file keeping its number, a fallback number).
     A node whose key was dropped, or taken over by a newer node, has ``key`` None. That is
-    ~100 bytes a node less than a (layer, st_dev, st_ino) tuple in a dict."""
+    ~100 bytes a node less than a (layer, st_dev, st_ino) tuple in a dict. A node numbered
+    after its key keeps only the number of its (layer, st_dev) in ``key`` (a small int,
+    which Python shares): st_ino is in its inode number (``_packed`` puts them together).
+    That saves the ~40-byte packed int on most nodes."""
 
     def __init__(self, root: Node):
         self.nodes: Dict[int, Node] = {ROOT_INODE: root}
@@ -127,12 +180,19 @@ class InodeTable:
             n = self._devs[(layer, dev)] = len(self._devs) + 1
         return n << 64 | st_ino
 
+    @staticmethod
+    def _packed(node: Node) -> Optional[int]:
+        k = node.key
+        if k is None or k >> 64:
+            return k
+        return k << 64 | (node.ino & _INO_MASK)
+
     def _holder(self, packed: int, key: Key) -> Optional[Node]:
         node = self.by_key.get(packed)
         if node is not None:
             return node
         node = self.nodes.get(derived_ino(key[0], key[2]))
-        return node if node is not None and node.key == packed else None
+        return node if node is not None and self._packed(node) == packed else None
 
     def find(self, key: Key) -> Optional[Node]:
         return self._holder(self._pack(key), key)
@@ -148,15 +208,18 @@ class InodeTable:
         old = self._holder(packed, key)
         if old is not None and old is not node:
             self.drop_key(old)                     # the newer node is found by this key now
-        node.key = packed
         if node.ino != derived_ino(key[0], key[2]):
+            node.key = packed
             self.by_key[packed] = node
+        else:
+            node.key = packed >> 64
 
     def add(self, node: Node) -> Node:
         """Add a node built with its key as a tuple (or None)."""
+        key, node.key = node.key, None
         self.nodes[node.ino] = node
-        if node.key is not None:
-            self._bind(node, node.key)
+        if key is not None:
+            self._bind(node, key)
         return node
 
     def rekey(self, node: Node, key: Key) -> None:
@@ -170,8 +233,9 @@ class InodeTable:
     def drop_key(self, node: Node) -> None:
         """The backing object is gone from the namespace; a new object may reuse its numbers."""
         if node.key is not None:
-            if self.by_key.get(node.key) is node:
-                del self.by_key[node.key]
+            packed = self._packed(node)
+            if self.by_key.get(packed) is node:
+                del self.by_key[packed]
             node.key = None
 
     def forget(self, ino: int, n: int) -> Optional[Node]:

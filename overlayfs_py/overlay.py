@@ -123,7 +123,7 @@ class Overlay:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        if not node.paths:
+        if node.parent is None:
             raise fuse_error(errno.ENOENT)      # removed, still open somewhere
         where = self.redirects.get(node.ino)
         if where is not None and layer in where:
@@ -284,9 +284,13 @@ class Overlay:
             node.add_path(parent, name)
         if node.attr is None or not node.handles:
             node.attr = self._make_attrs(node, st)
-        if kids is None:
-            kids = parent.kids = {}
-        kids[name] = node
+        if is_dir or self.dir_lru is not None:
+            # Files are not kept by name (~40 bytes each on a big tree): the next lookup of
+            # one finds its node by key (table.find) after the lstat its reply needs anyway.
+            # Trimming (max_nodes) walks the files of a directory by name, so keeps them.
+            if kids is None:
+                kids = parent.kids = {}
+            kids[name] = node
         return node
 
     def unnamed_node(self, st: os.stat_result) -> Node:

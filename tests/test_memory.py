@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 import layerkit
 from overlayfs_py.config import parse_argv
 from overlayfs_py.lookup import DIR, NONDIR, merge_listings
@@ -49,6 +51,41 @@ def test_file_nodes_share_layers_and_keep_packed_keys(tmp_path):
         assert not any(n in ov.table.by_key.values() for n in nodes + [low])
         assert ov.table.find((0, os.stat(tmp_path / "l0").st_dev,
                               os.stat(tmp_path / "l0" / "d" / "f3").st_ino)) is nodes[3]
+    finally:
+        ov.close()
+
+
+def test_nodes_are_compact_and_files_are_found_by_key_not_kept_by_name(tmp_path):
+    ov = _overlay(tmp_path, {"d/f": "x", "d/sub/y": "y", "d/h": "z"})
+    try:
+        d = ov.child(ov.root, b"d")
+        f = ov.child(d, b"f")
+        sub = ov.child(d, b"sub")
+        assert d.is_dir and sub.is_dir and not f.is_dir
+        # a file has no __dict__ and no room for a directory's index, listing and kids
+        assert not hasattr(f, "__dict__") and f.index is f.kids is f.listing is None
+        with pytest.raises(AttributeError):
+            f.kids = {}
+        assert type(sub).__slots__ == ("index", "listing", "kids")
+        # one name: no list of paths is kept, only the parent and the name
+        assert (f.parent, f.name, f.more) == (d, b"f", None) and f.paths == [(d, b"f")]
+        # a file numbered after its key keeps a small number instead of the packed key
+        assert f.key < 256 and f not in ov.table.by_key.values()
+        assert ov.table._packed(f) >> 64 == f.key
+        # files are not kept in the directory's kids; looking one up again finds its node
+        assert set(d.kids) == {b"sub"}
+        assert ov.child(d, b"f") is f and f.paths == [(d, b"f")]
+        # a second name (a hard link in the layer) is another path of the same node
+        os.link(tmp_path / "l0" / "d" / "f", tmp_path / "l0" / "d" / "f2")
+        ov.refresh_entry(d, b"f2")
+        assert ov.child(d, b"f2") is f
+        assert f.paths == [(d, b"f"), (d, b"f2")] and f.more == [(d, b"f2")]
+        f.put_path_first(d, b"f2")
+        assert f.paths == [(d, b"f2"), (d, b"f")]
+        f.remove_path(d, b"f2")
+        assert (f.parent, f.name, f.more) == (d, b"f", None)
+        f.remove_path(d, b"f")
+        assert f.paths == [] and f.parent is None and f.name == b""
     finally:
         ov.close()
 
