@@ -52,7 +52,9 @@ Overlay options:
   userxattr        use user.overlay.* instead of trusted.overlay.* xattrs
   uidmapping=LAYER:MOUNT:LEN[:LAYER:MOUNT:LEN...], gidmapping=...
                    id mapping, as fuse-overlayfs (layer id LAYER+i appears as MOUNT+i)
-  metacopy=on|off, xino=off|auto, index=off
+  metacopy=on|off, xino=off|auto
+  index=on|off     on: hard links of a lower file stay one file after copy-up
+                   (the kernel's inodes index in workdir/index; default off)
   redirect_dir=on|follow|nofollow|off
                    renaming a lower or merged directory records an overlay.redirect
                    (on), or EXDEV; redirects are followed with on and follow; off is
@@ -114,6 +116,7 @@ class Config:
     default_permissions: bool = True
     fsname: str = "overlayfs-py"
     metacopy: bool = False
+    index: bool = False                  # inodes index (index=on; needs an upper layer)
     userxattr: bool = False              # use user.overlay.* instead of trusted.overlay.*
     timeout: float = 86400.0             # entry/attr cache timeout, seconds
     max_nodes: int = 0                   # node table size that starts trimming; 0 = off
@@ -489,8 +492,10 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
                                   "(expected on, follow, nofollow or off)")
             kw["redirect_dir"] = value
         elif key == "index":
-            if value != "off":
-                raise ConfigError(f"index={value or ''} is not supported (only index=off)")
+            if value not in ("on", "off"):
+                raise ConfigError(f"bad value for mount option index: {_show(value)} "
+                                  "(expected on or off)")
+            kw["index"] = value == "on"
         elif key == "xino":
             if value not in ("off", "auto"):
                 raise ConfigError(f"xino={value or ''} is not supported (only off or auto)")
@@ -581,6 +586,10 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
     kw["atime"] = "strictatime" if atime_flags["strictatime"] else \
         "noatime" if atime_flags["noatime"] else "relatime"
     read_only = read_only_flag or upper_raw is None
+    # the kernel's params.c: "index=on" is useless in a non-upper mount, and ignored; a
+    # read-only one makes no index dir either (ovl_fill_super)
+    if read_only:
+        kw["index"] = False
     if read_only:
         fuse_flags["ro"] = "ro"
     extra.extend(fuse_flags.values())

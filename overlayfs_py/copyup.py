@@ -12,15 +12,15 @@ import itertools
 import logging
 import os
 import stat
-from typing import Dict
+from typing import Dict, Optional
 
 import trio
 
-from . import faultpoint, whiteout
+from . import faultpoint, index as xindex, whiteout
 from .atime import open_noatime
 from .copydata import copy_file_data
 from .inodes import Node
-from .layers import O_DIR, open_dir_at, open_path_at, proc_path
+from .layers import O_DIR, lstat_at, open_dir_at, open_path_at, proc_path
 from .overlay import UPPER, Overlay, fuse_error
 
 log = logging.getLogger("overlayfs_py")
@@ -35,9 +35,12 @@ def is_metacopy(node: Node) -> bool:
 
 
 class Workdir:
-    """``workdir/work``: the staging area (same layout as the kernel's, which cleans it too)."""
+    """``workdir/work``: the staging area (same layout as the kernel's, which cleans it too).
+    With index=on, ``workdir/index`` is the staging area, as for the kernel ("index dir will
+    act also as workdir"): a copy into the index is then one rename. ``index_fd``: its fd
+    (index.setup has removed the temporaries there; the entries stay)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, index_fd: Optional[int] = None):
         base = os.open(workdir, O_DIR)
         try:
             try:
@@ -49,6 +52,9 @@ class Workdir:
             os.close(base)
         self._counter = itertools.count(1)
         self.clean()
+        if index_fd is not None:
+            os.close(self.fd)
+            self.fd = os.dup(index_fd)
 
     def clean(self) -> None:
         """Remove temporaries left by a crash: they were never renamed into place."""
@@ -260,29 +266,16 @@ class CopyUp:
         parent_st = os.fstat(parent_fd)
         src_dir = ov.dirfd(parent, node.layer)
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        if ov.xindex is not None and st.st_nlink > 1:
+            await self._copy_up_indexed(node, parent, name, src_dir, st, data)
+            return
         tmp = work.temp_name()
         try:
             metacopy = meta_only and stat.S_ISREG(st.st_mode) and st.st_size > 0
             if metacopy:
                 self._copy_metadata_only(src_dir, name, tmp, st)
-            elif stat.S_ISREG(st.st_mode):
-                await self._copy_regular(src_dir, name, tmp, st, data)
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(name, dir_fd=src_dir)
-                os.symlink(target, tmp, dir_fd=work.fd)
-                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd, follow_symlinks=False)
-                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd,
-                         follow_symlinks=False)
             else:
-                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work.fd)
-                src = open_path_at(src_dir, name)
-                dst = open_path_at(work.fd, tmp)
-                try:
-                    _copy_meta(proc_path(src), proc_path(dst), st)
-                    self._mark_origin(proc_path(dst))
-                finally:
-                    os.close(src)
-                    os.close(dst)
+                await self._stage(src_dir, name, tmp, st, data)
             faultpoint.hit("copyup.staged")
             os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=parent_fd)
         except BaseException:
@@ -297,6 +290,150 @@ class CopyUp:
         self._install(node, parent, name, new)
         if metacopy:
             node.layers = (UPPER, lower)
+
+    async def _stage(self, src_dir: int, name: bytes, tmp: bytes, st: os.stat_result,
+                     data: bool, origin: bytes = b"") -> None:
+        """A full copy of ``name`` as ``tmp`` in the staging dir, marked with ``origin``."""
+        work = self.work
+        if stat.S_ISREG(st.st_mode):
+            await self._copy_regular(src_dir, name, tmp, st, data, origin)
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=src_dir)
+            os.symlink(target, tmp, dir_fd=work.fd)
+            os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd, follow_symlinks=False)
+            if origin:
+                dst = open_path_at(work.fd, tmp)
+                try:
+                    self._mark_origin_link(dst, origin)
+                finally:
+                    os.close(dst)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd,
+                     follow_symlinks=False)
+        else:
+            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work.fd)
+            src = open_path_at(src_dir, name)
+            dst = open_path_at(work.fd, tmp)
+            try:
+                _copy_meta(proc_path(src), proc_path(dst), st)
+                self._mark_origin(proc_path(dst), origin)
+            finally:
+                os.close(src)
+                os.close(dst)
+
+    def _mark_origin_link(self, path_fd: int, origin: bytes) -> None:
+        """overlay.origin on a symlink (trusted.* xattrs can be set on one)."""
+        try:
+            os.setxattr(proc_path(path_fd), self.origin_xattr, origin, follow_symlinks=False)
+        except OSError as e:
+            log.debug("origin not set on a symlink: %s", e)
+
+    # ------------------------------------------------------------------ index=on
+    async def _copy_up_indexed(self, node: Node, parent: Node, name: bytes, src_dir: int,
+                               st: os.stat_result, data: bool) -> None:
+        """index=on, a lower hard link: copy it into workdir/index under the hex of its
+        handle (overlay.origin = that handle, overlay.nlink = the overlay's count relative
+        to the copy's), then link the name used into the upper layer (the kernel's
+        ovl_do_copy_up with to_index, then ovl_link_up). Other names of the link find the
+        entry when they are looked up (Overlay._indexed_child)."""
+        ov, ix = self.ov, self.ov.xindex
+        fh = ix.fh(node.layer, src_dir, name)
+        iname = xindex.index_name(fh)
+        if ix.lstat(iname) is None:
+            tmp = self.work.temp_name()          # (the staging dir is the index dir)
+            try:
+                await self._stage(src_dir, name, tmp, st, data, fh)
+                faultpoint.hit("copyup.staged")
+                os.rename(tmp, iname, src_dir_fd=self.work.fd, dst_dir_fd=ix.fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=self.work.fd)
+                except OSError:
+                    pass
+                raise
+            ix.set_nlink(iname, st.st_nlink)
+        node.layers = (UPPER,)
+        ov.indexed[node.ino] = iname
+        ov.by_index[iname] = node
+        ov.changed(node)
+        self._link_up(node, parent, name)
+        if node.handles:
+            for h in list(node.handles):
+                h.reopen_after_copy_up(ov, parent, name)
+
+    def _link_up(self, node: Node, parent: Node, name: bytes) -> None:
+        """Link the index entry of ``node`` into the upper layer as ``parent/name``."""
+        ov, ix = self.ov, self.ov.xindex
+        iname = ov.indexed[node.ino]
+        parent_fd = ensure_upper_dir(ov, self.work, parent)
+        ist = ix.lstat(iname)
+        cur = lstat_at(parent_fd, name)
+        if cur is not None and (cur.st_dev, cur.st_ino) == (ist.st_dev, ist.st_ino):
+            return
+        parent_st = os.fstat(parent_fd)
+        overlay_nlink = ix.nlink(iname, ist.st_nlink)
+        self._set_impure(parent_fd)
+        os.link(iname, name, src_dir_fd=ix.fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+        ix.set_nlink(iname, overlay_nlink)
+        _restore_times(parent_fd, parent_st)
+        ov.refresh_entry(parent, name)
+        ov.changed(node)
+
+    async def link_up(self, node: Node, parent: Node, name: bytes) -> None:
+        """Before a change of the name ``parent/name`` of an indexed file (unlink, rename,
+        link): make it an upper name of the index entry, as the kernel copies the name up
+        (ovl_nlink_start), so that overlay.nlink stays right. A lower hard link not yet
+        indexed is copied up into the index through that name first."""
+        ov = self.ov
+        if ov.xindex is None or node.is_dir:
+            return
+        if node.ino not in ov.indexed and node.layer != UPPER:
+            try:
+                lst = os.stat(name, dir_fd=ov.dirfd(parent, node.layer),
+                              follow_symlinks=False)
+            except OSError:
+                return
+            if lst.st_nlink < 2:
+                return
+            if (parent, name) in node.paths and node.paths[0] != (parent, name):
+                node.paths.remove((parent, name))
+                node.paths.insert(0, (parent, name))
+            await self.copy_up(node)
+        if node.ino not in ov.indexed:
+            return
+        await self.settle(node)
+        self._link_up(node, parent, name)
+
+    def index_unlinked(self, node: Node) -> None:
+        """After a name of an indexed file went: once the overlay's count is zero, remove
+        the index entry (ovl_cleanup_index)."""
+        ov, ix = self.ov, self.ov.xindex
+        iname = ov.indexed.get(node.ino) if ix is not None else None
+        if iname is None:
+            return
+        ist = ix.lstat(iname)
+        if ist is None:
+            ov.index_entry_gone(node)
+            return
+        n = ix.raw_nlink(iname, ist.st_nlink)
+        if n is None or n > 0:
+            return
+        if ist.st_nlink != 1:
+            # names left in the upper layer: keep it, counting them (as the kernel does)
+            ix.set_nlink(iname, ist.st_nlink - 1)
+            return
+        os.unlink(iname, dir_fd=ix.fd)
+        ov.index_entry_gone(node)
+
+    def _set_impure(self, dir_fd: int) -> None:
+        """overlay.impure on a directory that holds a copied-up object (ovl_set_impure)."""
+        x = self.origin_xattr.replace("origin", "impure")
+        try:
+            os.getxattr(dir_fd, x)
+        except OSError:
+            try:
+                os.setxattr(dir_fd, x, b"y")
+            except OSError as e:
+                log.debug("impure mark not set: %s", e)
 
     def _copy_metadata_only(self, src_dir: int, name: bytes, tmp: bytes,
                             st: os.stat_result) -> None:
@@ -317,7 +454,7 @@ class CopyUp:
             os.close(src)
 
     async def _copy_regular(self, src_dir: int, name: bytes, tmp: bytes,
-                            st: os.stat_result, data: bool) -> None:
+                            st: os.stat_result, data: bool, origin: bytes = b"") -> None:
         work = self.work
         src = open_noatime(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, src_dir)
         try:
@@ -327,17 +464,18 @@ class CopyUp:
                 if data and st.st_size:
                     await trio.to_thread.run_sync(self._copy_data, src, dst, st.st_size)
                 _copy_meta(src, dst, st)
-                self._mark_origin(dst)
+                self._mark_origin(dst, origin)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
 
-    def _mark_origin(self, target: "int | str") -> None:
-        """An empty overlay.origin: the kernel's own mark for "copied up, origin handle
-        unknown". We read it back to keep the copy's inode number across remounts."""
+    def _mark_origin(self, target: "int | str", origin: bytes = b"") -> None:
+        """overlay.origin: the origin's handle (index.py), or empty, the kernel's own mark
+        for "copied up, origin handle unknown". We read it back to keep the copy's inode
+        number across remounts."""
         try:
-            os.setxattr(target, self.origin_xattr, b"")
+            os.setxattr(target, self.origin_xattr, origin)
         except OSError as e:
             log.debug("origin mark not set: %s", e)
 

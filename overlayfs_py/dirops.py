@@ -193,6 +193,9 @@ class Namespace:
         if node.is_dir:
             raise _err(errno.EISDIR)
         await self.cu.settle(node)
+        if self.ov.xindex is not None and occ[0][0] != UPPER:
+            await self.cu.link_up(node, parent, name)
+            occ = self.ov.index(parent)[name]
         parent_fd = ensure_upper_dir(self.ov, self.work, parent)
         upper_st = lstat_at(parent_fd, name) if occ[0][0] == UPPER else None
         if needs_whiteout(occ, UPPER):
@@ -200,6 +203,7 @@ class Namespace:
         else:
             os.unlink(name, dir_fd=parent_fd)
         self._forget_name(parent, name, node, upper_st)
+        self.cu.index_unlinked(node)
 
     async def rmdir(self, parent: Node, name: bytes) -> None:
         occ, node = self.resolve(parent, name)
@@ -353,6 +357,8 @@ class Namespace:
             src_fd, src_name = None, b"/proc/self/fd/%d" % h.fd
         else:
             await self.cu.copy_up(node)
+            if node.ino in self.ov.indexed:      # the kernel copies the old name up too
+                await self.cu.link_up(node, *node.paths[0])
             src_fd, src_name = self.ov.parent_fd(node, UPPER)
 
         def maker(dir_fd: int, name: bytes) -> None:
@@ -432,6 +438,13 @@ class Namespace:
         await self.cu.copy_up(src)
         if exchange:
             await self.cu.copy_up(dst)
+        # index=on: names of an indexed file are linked up before they change (the kernel's
+        # copy-up of the dentry, ovl_nlink_start), so that overlay.nlink stays right
+        if ov.xindex is not None:
+            await self.cu.link_up(src, p_old, n_old)
+            occ_old = ov.index(p_old).get(n_old, occ_old)
+            if dst is not None:
+                await self.cu.link_up(dst, p_new, n_new)
         # the awaits above may have let other requests run: check the names still hold
         if ov.child(p_old, n_old) is not src or (
                 dst is not None and ov.child(p_new, n_new) is not dst):
@@ -538,6 +551,7 @@ class Namespace:
             raise
         if dst is not None:
             self._forget_name(p_new, n_new, dst, None, gone=False)
+            self.cu.index_unlinked(dst)
             if held is not None:
                 if dst.unlinked:
                     ov.keep_removed(dst, held)

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import pyfuse3
 
-from . import dirindex, lookup, whiteout
+from . import dirindex, index as xindex, lookup, whiteout
 from .config import Config
 from .idmap import IdMap
 from .inodes import ROOT_INODE, InodeTable, Node
@@ -91,6 +91,12 @@ class Overlay:
         self.redirects: Dict[int, Dict[int, Tuple[bytes, ...]]] = {}
         self.redirect_value: Dict[int, bytes] = {}
         self.pending_invalidations: List[Tuple[int, bytes]] = []
+        # index=on (index.py): workdir/index, set up by session.run; the nodes backed by an
+        # index entry (a copied-up lower hard link): ino -> entry name, and entry name ->
+        # node, so that every name of the hard link finds the one node
+        self.xindex: Optional[xindex.Index] = None
+        self.indexed: Dict[int, bytes] = {}
+        self.by_index: Dict[bytes, Node] = {}
         # directories whose listing the kernel may cache (we answered a READDIR for them
         # since their last change), and those of them whose names changed since: the glue
         # has the kernel drop those cached listings (Operations._drop_listings)
@@ -112,6 +118,9 @@ class Overlay:
         self.detached.clear()
         for layer in self.layers:
             layer.close()
+        if self.xindex is not None:
+            self.xindex.close()
+            self.xindex = None
 
     # ----------------------------------------------------------------- directory fds
     def dirfd(self, node: Node, layer: int) -> int:
@@ -175,6 +184,10 @@ class Overlay:
     def parent_fd(self, node: Node, layer: Optional[int] = None) -> Tuple[int, bytes]:
         """(fd of the parent dir in the node's layer, name): where the backing object lives."""
         layer = node.layer if layer is None else layer
+        if layer == UPPER and self.indexed:
+            iname = self.indexed.get(node.ino)
+            if iname is not None:
+                return self.xindex.fd, iname
         last = None
         for parent, name in node.paths:
             try:
@@ -261,6 +274,9 @@ class Overlay:
             occ = ((top, is_dir),)
         key = (top, st.st_dev, st.st_ino)
         node = self.table.find(key)
+        if (node is None or node.unlinked) and self.xindex is not None and not is_dir \
+                and st.st_nlink > 1:
+            node = self._indexed_child(parent, name, top, st, occ) or node
         if node is None or node.is_dir != is_dir or node.unlinked:
             where = redirect = None
             if is_dir:
@@ -283,6 +299,8 @@ class Overlay:
         else:
             node.add_path(parent, name)
         if node.attr is None or not node.handles:
+            if self.indexed and node.ino in self.indexed and top != UPPER:
+                st = self.stat_node(node)         # the copy, not the lower name's file
             node.attr = self._make_attrs(node, st)
         if is_dir or self.dir_lru is not None:
             # Files are not kept by name (~40 bytes each on a big tree): the next lookup of
@@ -292,6 +310,72 @@ class Overlay:
                 kids = parent.kids = {}
             kids[name] = node
         return node
+
+    def _indexed_child(self, parent: Node, name: bytes, top: int, st: os.stat_result,
+                       occ) -> Optional[Node]:
+        """index=on: the node of a name of a copied-up lower hard link (ovl_lookup_index):
+        a lower name whose handle names an index entry, or an upper name whose origin does
+        and which is that entry's inode. None if the name is not indexed."""
+        ix = self.xindex
+        dir_fd = self.dirfd(parent, top)
+        try:
+            if top == UPPER:
+                fh = os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), ix.origin_xattr,
+                                 follow_symlinks=False)
+                if xindex.check_fh(fh) is not True:
+                    return None
+            else:
+                fh = ix.fh(top, dir_fd, name)
+        except OSError:
+            return None
+        iname = xindex.index_name(fh)
+        node = self.by_index.get(iname)
+        if node is None:
+            ist = ix.lstat(iname)
+            if ist is None or stat.S_IFMT(ist.st_mode) != stat.S_IFMT(st.st_mode):
+                return None
+            if top == UPPER:
+                if (ist.st_dev, ist.st_ino) != (st.st_dev, st.st_ino):
+                    return None                # copied up, but not through this index
+                key = self._index_origin_key(parent, name, fh, occ)
+            else:
+                key = (top, st.st_dev, st.st_ino)
+            key = key or (UPPER, ist.st_dev, ist.st_ino)
+            node = self.table.find(key)
+            if node is None or node.is_dir:
+                node = self.table.add(Node(self.table.new_ino(key), parent, name, False,
+                                           _shared((UPPER,)), key))
+            node.layers = _shared((UPPER,))
+            self.indexed[node.ino] = iname
+            self.by_index[iname] = node
+        node.unlinked = False
+        node.add_path(parent, name)
+        return node
+
+    def _index_origin_key(self, parent: Node, name: bytes, fh: bytes, occ):
+        """The key (so the number) of the lower origin of an indexed upper file: the lower
+        file of the same name if it is the origin, else the one the handle opens."""
+        ix = self.xindex
+        if len(occ) > 1 and not occ[1][1]:
+            low = occ[1][0]
+            try:
+                fd = self.dirfd(parent, low)
+                if ix.fh(low, fd, name) == fh:
+                    lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    return (low, lst.st_dev, lst.st_ino)
+            except OSError:
+                pass
+        found = ix.decode(fh)
+        if found is None:
+            return None
+        low, lst = found
+        return (low, lst.st_dev, lst.st_ino)
+
+    def index_entry_gone(self, node: Node) -> None:
+        """The node's index entry was removed (its last name went)."""
+        iname = self.indexed.pop(node.ino, None)
+        if iname is not None and self.by_index.get(iname) is node:
+            del self.by_index[iname]
 
     def unnamed_node(self, st: os.stat_result) -> Node:
         """A node for an upper file that has no name yet (O_TMPFILE)."""
@@ -367,6 +451,8 @@ class Overlay:
 
     def forget_node(self, node: Node) -> None:
         """The kernel forgot the node: drop what refers to it."""
+        if self.indexed:
+            self.index_entry_gone(node)
         for parent, name in node.paths:
             if parent.kids is not None and parent.kids.get(name) is node:
                 del parent.kids[name]
@@ -553,6 +639,9 @@ class Overlay:
             # (not for a metacopy file: its handles are open on the lower data file,
             # whose owner, mode and times are not the file's)
             return os.fstat(next(iter(node.handles)).fd)
+        if self.indexed and node.ino in self.indexed:
+            return os.stat(self.indexed[node.ino], dir_fd=self.xindex.fd,
+                           follow_symlinks=False)
         last = errno.ENOENT
         for parent, name in node.paths:
             try:
@@ -607,6 +696,9 @@ class Overlay:
             nlink = 0                # removed (a lower one still has its links)
         elif node.is_dir and len(node.layers) > 1:
             nlink = 1                # merged dir: as the kernel, "nlink=1 pacifies find"
+        elif self.indexed and node.ino in self.indexed:
+            # the overlay's count, kept in overlay.nlink (the index entry is a link too)
+            nlink = self.xindex.nlink(self.indexed[node.ino], nlink)
         a.st_nlink = nlink
         if self.uidmap or self.gidmap:
             a.st_uid = self.uidmap.to_mount(st.st_uid)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import pyfuse3
 import trio
 
+from . import index
 from .config import Config, fuse_escape
 from .copyup import Workdir
 from .ops import Operations
@@ -149,7 +150,11 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
     try:
         if config.writable:
             try:
-                work = Workdir(config.work)
+                if config.index:
+                    ov.xindex = index.setup(config, ov.layers, config.work)
+                work = Workdir(config.work, ov.xindex.fd if ov.xindex else None)
+            except index.IndexError_ as e:
+                raise MountError(f"index=on: {e}") from None
             except OSError as e:
                 raise MountError(f"cannot prepare workdir {config.work!r}: {e.strerror}") \
                     from None

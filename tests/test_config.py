@@ -412,7 +412,8 @@ def test_500_lowers_ok_501_rejected(tmp_path, d):
     ("lowerdir={a},redirect_dir=yes", "bad value for mount option redirect_dir: 'yes'"),
     ("lowerdir={a},userxattr,redirect_dir=on", "conflicting options: userxattr,redirect_dir=on"),
     ("lowerdir={a},userxattr,redirect_dir=follow", "conflicting options: userxattr"),
-    ("lowerdir={a},index=on", "index=on is not supported"),
+    ("lowerdir={a},index=yes", "bad value for mount option index: 'yes'"),
+    ("lowerdir={a},index", "bad value for mount option index"),
     ("lowerdir={a},xino=on", "xino=on is not supported"),
     ("lowerdir={a},metacopy=maybe", "metacopy"),
     ("lowerdir={a},foo", "unknown mount option 'foo'"),
@@ -680,3 +681,15 @@ def test_exact_mount_fuse3_line(d):
     cfg = parse_argv(["overlay", d.m, "-o",
                       f"ro,lowerdir={d.a},upperdir={d.u},workdir={d.w},dev,suid"])
     assert cfg.read_only and cfg.upper == d.u
+
+
+def test_index_option(d):
+    """index=on|off, default off (Debian's kernel); as the kernel's params.c, index=on is
+    ignored without an upper layer (and with ro: no index dir), and kept with userxattr
+    (the kernel 6.18 here mounts userxattr,index=on and writes user.overlay.* handles)."""
+    assert not parse_argv(["-o", base(d), d.m]).index
+    assert parse_argv(["-o", f"{base(d)},index=on", d.m]).index
+    assert not parse_argv(["-o", f"{base(d)},index=on,index=off", d.m]).index
+    assert parse_argv(["-o", f"{base(d)},index=on,userxattr", d.m]).index
+    assert not parse_argv(["-o", f"lowerdir={d.a},index=on", d.m]).index
+    assert not parse_argv(["-o", f"{base(d)},index=on,ro", d.m]).index
