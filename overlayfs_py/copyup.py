@@ -394,9 +394,8 @@ class CopyUp:
                 return
             if lst.st_nlink < 2:
                 return
-            if (parent, name) in node.paths and node.paths[0] != (parent, name):
-                node.paths.remove((parent, name))
-                node.paths.insert(0, (parent, name))
+            if (parent, name) in node.paths:
+                node.put_path_first(parent, name)
             await self.copy_up(node)
         if node.ino not in ov.indexed:
             return
