@@ -1,0 +1,280 @@
+"""Rootless podman: podman run by a normal user, with our program as its mount program.
+
+Used by tests/test_podman_rootless.py. ``UserPodman`` sets a user up the way the README's
+"Without root" section tells a user to (``~/.config/containers/storage.conf`` with
+``mount_program``, ``~/.config/containers/containers.conf``; nothing else, no extra mount
+options), runs ``podman`` as that user (``runuser``; podman then maps the user's
+subordinate id ranges with newuidmap/newgidmap and runs the mount program as uid 0 of
+that user namespace), and on ``cleanup()`` removes every container and image, stops what
+is left of the user's podman (its pause process, conmon, our daemons) by pid, and deletes
+the store (its files belong to subordinate ids: removed as root).
+
+The store is podman's default for the user (``~/.local/share/containers/storage``), so no
+``--root`` is passed: with ``--root``, podman 4.3 drops storage.conf's driver options
+(``--storage-opt overlay.mount_program=...`` would be needed then).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import podkit
+
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+
+def storage_conf(mount_program: str, mountopt: str = "") -> str:
+    opt = f'mountopt = "{mountopt}"\n' if mountopt else ""
+    return f"""\
+[storage]
+driver = "overlay"
+
+[storage.options.overlay]
+mount_program = "{mount_program}"
+{opt}"""
+
+
+def subid_ranges(user: str, path: str) -> List[range]:
+    """The user's ranges in /etc/subuid or /etc/subgid."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            f = line.strip().split(":")
+            if len(f) == 3 and f[0] == user:
+                out.append(range(int(f[1]), int(f[1]) + int(f[2])))
+    return out
+
+
+class UserPodman:
+    """podman as ``user`` (who must have subordinate uid and gid ranges)."""
+
+    def __init__(self, user: str, mount_program: str, runtime_dir: Path):
+        self.user = user
+        pw = pwd.getpwnam(user)
+        self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, Path(pw.pw_dir)
+        self.prog = mount_program
+        self.runtime_dir = runtime_dir
+        self.store = self.home / ".local" / "share" / "containers"
+        conf = self.home / ".config" / "containers"
+        for d in (runtime_dir, conf, self.store):
+            self.mkdir(d)
+        self.runtime_dir.chmod(0o700)
+        self.write(conf / "containers.conf", CONTAINERS_CONF)
+        self.conf = conf
+        self.configure()
+        self.env = {"HOME": str(self.home), "USER": user, "LOGNAME": user,
+                    "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+                    "XDG_RUNTIME_DIR": str(runtime_dir), "LANG": "C.UTF-8"}
+
+    def configure(self, mountopt: str = "") -> None:
+        """(Re)write the user's storage.conf: our mount program, and ``mountopt`` if any
+        (extra mount options podman appends to the program's ``-o``)."""
+        self.write(self.conf / "storage.conf", storage_conf(self.prog, mountopt))
+
+    # -- files the user owns
+    def mkdir(self, path: Path) -> Path:
+        """``path`` and its missing parents below the home, owned by the user."""
+        path = Path(path)
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            os.chown(d, self.uid, self.gid)
+        return path
+
+    def write(self, path: Path, text: str, mode: int = 0o644) -> Path:
+        path = Path(path)
+        path.write_text(text)
+        os.chown(path, self.uid, self.gid)
+        path.chmod(mode)
+        return path
+
+    # -- running podman
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300
+                 ) -> subprocess.CompletedProcess:
+        cmd = ["runuser", "-u", self.user, "--", "env", "-i",
+               *(f"{k}={v}" for k, v in self.env.items()), "podman", *args]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                               cwd=self.home, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise podkit.PodmanError(f"podman {shlex.join(args)} (as {self.user}) timed out "
+                                     f"after {timeout} s\nstdout: {podkit._tail(podkit._s(e.stdout))}"
+                                     f"\nstderr: {podkit._tail(podkit._s(e.stderr))}")
+        if check and r.returncode != 0:
+            raise podkit.PodmanError(
+                f"podman {shlex.join(args)} (as {self.user}) exited {r.returncode}\n"
+                f"--- stdout:\n{podkit._tail(r.stdout, 40)}\n--- stderr:\n"
+                f"{podkit._tail(r.stderr, 40)}")
+        return r
+
+    def out(self, *args: str, **kw) -> str:
+        return self(*args, **kw).stdout
+
+    # -- what the user's podman left running
+    def processes(self) -> Dict[int, List[str]]:
+        """pid -> argv of every process running as the user or one of its subordinate uids."""
+        ranges = subid_ranges(self.user, "/etc/subuid")
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                uid = os.stat(f"/proc/{entry}").st_uid
+                if uid != self.uid and not any(uid in r for r in ranges):
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue
+            out[int(entry)] = argv
+        return out
+
+    def daemons(self) -> Dict[int, List[str]]:
+        return {pid: argv for pid, argv in self.processes().items()
+                if any("overlayfs_py" in a or "overlayfs-py" in a for a in argv)}
+
+    def pause_pid(self) -> Optional[int]:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.runtime_dir / "libpod" / "tmp" / "pause.pid").read_text())
+        return None
+
+    # -- cleanup
+    def cleanup(self) -> List[str]:
+        """Remove every container and image, stop the user's podman processes, delete the
+        store and the runtime dir; return what had to be forced (leaks) as messages."""
+        problems: List[str] = []
+        for args in (("rm", "-a", "-f", "-t", "0"), ("rmi", "-a", "-f")):
+            try:
+                r = self(*args, check=False, timeout=180)
+                if r.returncode != 0:
+                    problems.append(f"podman {' '.join(args)} (as {self.user}) exited "
+                                    f"{r.returncode}: {podkit._tail(r.stderr, 5)}")
+            except podkit.PodmanError as e:
+                problems.append(str(e))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.daemons():
+            time.sleep(0.2)
+        daemons = self.daemons()
+        if daemons:
+            problems.append("mount program daemons still running after podman rm/rmi: " +
+                            "; ".join(f"{p}: {shlex.join(a)[:200]}" for p, a in daemons.items()))
+        # The pause process holds the user namespace and the mount namespace where the
+        # containers' mounts live; podman leaves it running by design. Then whatever is
+        # left of the user's processes (all started by this podman).
+        pause = self.pause_pid()
+        if pause:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pause, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            procs = self.processes()
+            if not procs:
+                break
+            for pid in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        left = self.processes()
+        if left:
+            problems.append("processes of the user left after SIGKILL: " +
+                            "; ".join(f"{p}: {shlex.join(a)[:200]}" for p, a in left.items()))
+        for d in (self.store, self.runtime_dir):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(d)], capture_output=True)
+            if d.exists():
+                problems.append(f"could not remove {d}")
+        return problems
+
+
+def filter_tar(src: Path, dst: Path, skip_devices: bool = True) -> int:
+    """Copy the tar ``src`` to ``dst`` without its device nodes; the number left out."""
+    import tarfile
+    skipped = 0
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            if skip_devices and (m.ischr() or m.isblk()):
+                skipped += 1
+                continue
+            tout.addfile(m, tin.extractfile(m) if m.isreg() else None)
+    return skipped
+
+
+
+# ------------------------------------------------------------------ a throwaway user
+# (until a shared fixture for this exists: tests/nonroot.py)
+
+NONROOT_LOCK = "/run/lock/overlayfs-py-nonroot.lock"
+
+
+def _free_subid_start(count: int) -> int:
+    end = 200000
+    for path in ("/etc/subuid", "/etc/subgid"):
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines():
+                f = line.strip().split(":")
+                if len(f) == 3 and f[1].isdigit() and f[2].isdigit():
+                    end = max(end, int(f[1]) + int(f[2]))
+    return -(-end // count) * count
+
+
+@contextlib.contextmanager
+def throwaway_user(prefix: str = "ovlpod", count: int = 65536):
+    """A new user with a home and one subordinate uid and gid range of ``count`` ids,
+    /dev/fuse opened to everyone (mode 0666) meanwhile; the user (home, subordinate ids)
+    is deleted and /dev/fuse's mode restored afterwards. Holds NONROOT_LOCK throughout
+    (other tests change /dev/fuse's mode under it too)."""
+    import fcntl
+    Path(NONROOT_LOCK).parent.mkdir(parents=True, exist_ok=True)
+    with open(NONROOT_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        name = f"{prefix}{os.getpid() % 100000}"
+        fuse_mode = os.stat("/dev/fuse").st_mode & 0o7777
+        r = subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise podkit.Unavailable(f"useradd {name}: {r.stderr.strip()}")
+        try:
+            if not subid_ranges(name, "/etc/subuid") or not subid_ranges(name, "/etc/subgid"):
+                start = _free_subid_start(count)
+                ids = f"{start}-{start + count - 1}"
+                r = subprocess.run(["usermod", "--add-subuids", ids, "--add-subgids", ids,
+                                    name], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise podkit.Unavailable(f"usermod --add-subuids: {r.stderr.strip()}")
+            os.chmod("/dev/fuse", 0o666)
+            yield name
+        finally:
+            os.chmod("/dev/fuse", fuse_mode)
+            r = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
+            if pwd_exists(name):
+                raise RuntimeError(f"userdel -r {name} failed: {r.stderr.strip()}")
+
+
+def pwd_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def home_of(user: str) -> str:
+    return pwd.getpwnam(user).pw_dir
