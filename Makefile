@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config fuse-overlayfs attr rsync sqlite3 git strace e2fsprogs \
-                xfsprogs fio
+                xfsprogs fio uidmap
 
 .PHONY: setup system-deps kernel-modules bytecode test demo bench bench-quick soak clean
 
@@ -33,7 +33,7 @@ setup: system-deps kernel-modules $(STAMP) bytecode
 system-deps:
 	@missing=""; \
 	for cmd in fusermount3 pkg-config fuse-overlayfs strace setfattr getfattr rsync git mkfs.ext4 debugfs \
-	           mkfs.xfs filefrag fio; do \
+	           mkfs.xfs filefrag fio newuidmap newgidmap; do \
 	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; \
 	done; \
 	if command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists fuse3; then \
