@@ -22,7 +22,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 # One triple per range, in fuse-overlayfs order: (id in the layers, id shown in the mount, length);
 # e.g. uidmapping=0:1000:1 shows files owned by uid 0 in the layers as owned by uid 1000.
@@ -131,6 +131,7 @@ class Config:
     atime: str = "relatime"              # 'relatime', 'strictatime' or 'noatime'
     exact_ctime: bool = False            # entry invalidations after changes (README)
     source: Optional[str] = None         # SOURCE of the mount(8) form (only used as fsname)
+    explicit: FrozenSet[str] = frozenset()  # 'redirect_dir' (on|follow), 'metacopy' (on) given
 
     @property
     def writable(self) -> bool:
@@ -572,7 +573,13 @@ def parse_argv(argv: Sequence[str], *, check: bool = True) -> Config:
     if kw.get("userxattr"):
         if kw.get("redirect_dir", "nofollow") not in ("nofollow", "off"):
             raise ConfigError(f"conflicting options: userxattr,redirect_dir={kw['redirect_dir']}")
+        if kw.get("metacopy"):
+            raise ConfigError("conflicting options: userxattr,metacopy=on")
         kw["redirect_dir"] = "nofollow"
+    # a mount that turns out to need the user forms (xattrform) falls back from defaults only
+    kw["explicit"] = frozenset(
+        (["redirect_dir"] if merged.get("redirect_dir") in ("on", "follow") else []) +
+        (["metacopy"] if merged.get("metacopy") == "on" else []))
     kw["redirect_dir"] = resolve_redirect_dir(kw.get("redirect_dir", "off"))
     if source and "fsname" not in kw:
         kw["fsname"] = source            # mount(8) form: show SOURCE in /proc/mounts, as FUSE does

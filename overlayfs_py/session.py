@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import pyfuse3
 import trio
 
-from . import index
-from .config import Config, fuse_escape
+from . import index, xattrform
+from .config import Config, ConfigError, fuse_escape
 from .copyup import Workdir
 from .ops import Operations
 from .overlay import Overlay
@@ -142,6 +142,13 @@ async def _serve(ops: Operations) -> None:
 def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
     os.umask(0)                      # modes come from the kernel, already masked
     _raise_nofile_limit()
+    if config.writable:
+        try:
+            config = xattrform.choose_at(config)
+        except OSError as e:
+            raise MountError(f"cannot prepare workdir {config.work!r}: {e.strerror}") from None
+        except ConfigError as e:
+            raise MountError(str(e)) from None
     try:
         ov = Overlay(config)
     except OSError as e:
