@@ -305,3 +305,15 @@ def kernel_mount():
         yield mount
     finally:
         exits.close()
+
+
+@pytest.fixture(scope="session")
+def nonroot_user():
+    """A throwaway non-root user, for the whole session (tests/nonroot.py); skipped with
+    the reason where the machine cannot make one."""
+    import nonroot
+    why = nonroot.unavailable()
+    if why:
+        pytest.skip(why)
+    with nonroot.nonroot_user() as user:
+        yield user
