@@ -7,10 +7,12 @@ one-line reason, if the mount cannot be made; nothing is left mounted in that ca
 from __future__ import annotations
 
 import ctypes
+import grp
 import logging
 import os
 import resource
 import signal
+import stat
 from typing import Callable, Optional
 
 import pyfuse3
@@ -139,8 +141,34 @@ async def _serve(ops: Operations) -> None:
         nursery.cancel_scope.cancel()
 
 
+FUSE_DEVICE = "/dev/fuse"
+
+
+def check_fuse_device(path: str = FUSE_DEVICE) -> None:
+    """Raise MountError with one line naming the fix if this process cannot open the FUSE
+    device. libfuse opens it before anything else (also for a non-root user, who then
+    mounts through fusermount3) and would only print its own line and fail."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise MountError(f"no {path}: load the fuse module (modprobe fuse)") from None
+    except PermissionError as e:
+        try:
+            st = os.stat(path)
+            group = grp.getgrgid(st.st_gid).gr_name
+            how = f"mode {stat.S_IMODE(st.st_mode):04o}, group {group}"
+        except (OSError, KeyError):
+            how, group = "unknown mode", "fuse"
+        raise MountError(
+            f"cannot open {path}: {e.strerror} ({how}): make it usable by this user "
+            f"(chmod 0666 {path}, as desktop distributions ship it) or add the user to a "
+            f"group that may open it (e.g. 'fuse': chgrp fuse {path}; chmod 0660 {path})") \
+            from None
+
+
 def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
     os.umask(0)                      # modes come from the kernel, already masked
+    check_fuse_device()
     _raise_nofile_limit()
     if config.writable:
         try:
