@@ -45,18 +45,31 @@ class NonRootUser:
         return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
                 "PATH": ENV_PATH, "LANG": "C.UTF-8"}
 
-    def argv(self, argv: Sequence[str], userns: bool = False) -> List[str]:
+    def argv(self, argv: Sequence[str], userns: bool = False, subids: bool = False) -> List[str]:
         """``argv`` as the user (``userns``: as uid 0 of a new user and mount namespace
-        of the user)."""
-        inner = (["unshare", "-Urm"] if userns else []) + list(argv)
+        of the user; ``subids``: with its subordinate ids as 1..65536 there, as podman
+        maps them)."""
+        inner = (["unshare", "-Urm"] if userns or subids else [])
+        if subids:
+            inner += [f"--map-users={self.subid_start('uid')},1,{SUBID_COUNT}",
+                      f"--map-groups={self.subid_start('gid')},1,{SUBID_COUNT}"]
+        inner += list(argv)
         return ["runuser", "-u", self.name, "--", "env", "-i",
                 *(f"{k}={v}" for k, v in self.env().items()), *inner]
 
+    def subid_start(self, kind: str) -> int:
+        for line in Path(f"/etc/sub{kind}").read_text().splitlines():
+            f = line.split(":")
+            if f[0] == self.name:
+                return int(f[1])
+        raise LookupError(f"{self.name} has no /etc/sub{kind} range")
+
     def run(self, argv: Sequence[str], userns: bool = False, check: bool = True,
-            timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+            timeout: float = 120, subids: bool = False, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        r = subprocess.run(self.argv(argv, userns), timeout=timeout, cwd=self.home, **kw)
+        r = subprocess.run(self.argv(argv, userns, subids), timeout=timeout, cwd=self.home,
+                           **kw)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} as {self.name} (userns={userns}) "
                                  f"exited {r.returncode}: {r.stderr or ''}{r.stdout or ''}")
