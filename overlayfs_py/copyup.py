@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import trio
 
-from . import faultpoint, index as xindex, whiteout
+from . import creds, faultpoint, index as xindex, whiteout
 from .atime import open_noatime
 from .copydata import copy_file_data
 from .inodes import Node
@@ -266,6 +266,8 @@ class CopyUp:
         parent_st = os.fstat(parent_fd)
         src_dir = ov.dirfd(parent, node.layer)
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        if not creds.can_give_owner(st.st_uid, st.st_gid):
+            raise OSError(errno.EOVERFLOW, "copy-up: the owner cannot be given to the copy")
         if ov.xindex is not None and st.st_nlink > 1:
             await self._copy_up_indexed(node, parent, name, src_dir, st, data)
             return

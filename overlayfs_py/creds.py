@@ -67,3 +67,44 @@ def caller_has_cap(pid: int, uid: int, cap: int) -> bool:
         except (OSError, ValueError, IndexError):
             pass
     return uid == 0
+
+
+def _read_int(path: str, default: int) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def _id_map(kind: str):
+    """This process's /proc/self/{uid,gid}_map: (first id inside, count) ranges."""
+    try:
+        with open(f"/proc/self/{kind}_map") as f:
+            return [(int(a), int(n)) for a, _, n in (l.split() for l in f if l.strip())]
+    except (OSError, ValueError):
+        return [(0, 4294967295)]
+
+
+def _unmapped_shows_as(kind: str, overflow: int):
+    """The id that stands for "no id here" (the overflow id), unless that id is also a
+    real, mapped one (podman maps 65534): then unmapped owners cannot be told apart."""
+    ranges = _id_map(kind)
+    if ranges == [(0, 4294967295)] or any(a <= overflow < a + n for a, n in ranges):
+        return None
+    return overflow
+
+
+_UNMAPPED_UID = _unmapped_shows_as("uid", _read_int("/proc/sys/kernel/overflowuid", 65534))
+_UNMAPPED_GID = _unmapped_shows_as("gid", _read_int("/proc/sys/kernel/overflowgid", 65534))
+
+
+def can_give_owner(uid: int, gid: int) -> bool:
+    """Whether a copy-up may give its copy this owner. The kernel overlay refuses to copy
+    up an object whose owner has no id in the caller's user namespace (EOVERFLOW, in
+    ovl_copy_up_one), which for a mount by a user in a namespace is every owner but the
+    mapped ones. Here: root gives any owner it can see (root of a user namespace sees an
+    unmapped one as the overflow id); a plain user only its own uid and groups."""
+    if _IS_ROOT:
+        return uid != _UNMAPPED_UID and gid != _UNMAPPED_GID
+    return uid == os.geteuid() and (gid == os.getegid() or gid in os.getgroups())
