@@ -161,6 +161,8 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
     parent_st = os.fstat(parent_fd)
     src_fd = ov.dirfd(node, node.layer)
     st = os.fstat(src_fd)
+    if not creds.can_give_owner(st.st_uid, st.st_gid):
+        raise OSError(errno.EOVERFLOW, "copy-up: the owner cannot be given to the copy")
     tmp = work.temp_name()
     os.mkdir(tmp, 0o700, dir_fd=work.fd)
     try:

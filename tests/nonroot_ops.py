@@ -2,7 +2,8 @@
 non-root user (``python nonroot_ops.py MNT``; test_nonroot.py runs it on our mount and
 on the kernel overlay). Prints one JSON object: each step's outcome (value or errno
 name), then the merged view's snapshot. The layers are ``nonroot_ops.LOWER`` plus
-``secret``, a 0600 file of another owner, and ``pub``, a 0644 one (added by root)."""
+``secret``, a 0600 file of another owner, ``pub``, a 0644 one,
+and ``pubdir``, a 0777 directory of another owner (added by root)."""
 from __future__ import annotations
 
 import json
@@ -73,6 +74,7 @@ def steps(m):
     yield "link secret", lambda: os.link(p("secret"), p("secret2"))
     yield "rename secret", lambda: os.rename(p("secret"), p("secret3"))
     yield "rename pub", lambda: os.rename(p("pub"), p("pub2"))
+    yield "create in pubdir", lambda: wk.write_file(p("pubdir/new"), b"n\n")
     yield "unlink secret", lambda: os.unlink(p("secret"))
     yield "mkdir d2; rmdir", lambda: (os.mkdir(p("d2")), os.rmdir(p("d2")))
 

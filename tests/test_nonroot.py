@@ -42,6 +42,8 @@ def _stack(user, name):
     os.chown(d / "lower/secret", 0, 0)
     os.chmod(d / "lower/secret", 0o600)
     os.chown(d / "lower/pub", 0, 0)
+    (d / "lower/pubdir").mkdir()
+    os.chmod(d / "lower/pubdir", 0o777)
     return d
 
 
@@ -78,9 +80,10 @@ def run_ours_userns(user, d, opts=""):
 # A daemon in a user namespace reports a file of an unmapped owner as the overflow uid, which
 # FUSE maps to no uid at all: the VFS refuses to chmod or delete such an inode (EOVERFLOW),
 # where the kernel overlay's inode keeps the real owner. Known; not the daemon's to fix.
-# (link: the VFS checks that before protected_hardlinks, whose EPERM the kernel gives)
+# (link: the VFS checks that before protected_hardlinks, whose EPERM the kernel gives), and
+# will not write into such a directory at all (EACCES: HAS_UNMAPPED_ID in inode_permission).
 USERNS_KNOWN = {"chmod secret": "EOVERFLOW", "unlink secret": "EOVERFLOW",
-                "link secret": "EOVERFLOW"}
+                "link secret": "EOVERFLOW", "create in pubdir": "EACCES"}
 
 
 def _no_links(snap):
