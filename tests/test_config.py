@@ -331,10 +331,10 @@ def test_rw_without_upper_stays_read_only(d):
 
 
 def test_overlay_and_cache_options(d):
-    cfg = parse_argv(["-o", f"{base(d)},userxattr,metacopy=on,redirect_dir=off,index=off,xino=auto,"
+    cfg = parse_argv(["-o", f"{base(d)},metacopy=on,redirect_dir=off,index=off,xino=auto,"
                       "timeout=2.5,writeback=0,keep_cache=0,allow_other,default_permissions,"
                       "fsname=myfs,subtype=ovl,max_nodes=5000,spin_us=0", d.m])
-    assert cfg.userxattr and cfg.metacopy and cfg.xino == "auto"
+    assert cfg.metacopy and cfg.xino == "auto" and cfg.explicit == {"metacopy"}
     assert cfg.timeout == 2.5 and not cfg.writeback and not cfg.keep_cache
     assert cfg.max_nodes == 5000 and cfg.spin_us == 0
     assert cfg.allow_other and cfg.default_permissions and cfg.fsname == "myfs"
@@ -414,6 +414,7 @@ def test_500_lowers_ok_501_rejected(tmp_path, d):
     ("lowerdir={a},userxattr,redirect_dir=follow", "conflicting options: userxattr"),
     ("lowerdir={a},index=yes", "bad value for mount option index: 'yes'"),
     ("lowerdir={a},index", "bad value for mount option index"),
+    ("lowerdir={a},userxattr,metacopy=on", "conflicting options: userxattr,metacopy=on"),
     ("lowerdir={a},xino=on", "xino=on is not supported"),
     ("lowerdir={a},metacopy=maybe", "metacopy"),
     ("lowerdir={a},foo", "unknown mount option 'foo'"),
