@@ -307,10 +307,12 @@ def kernel_mount():
         exits.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def nonroot_user():
-    """A throwaway non-root user, for the whole session (tests/nonroot.py); skipped with
-    the reason where the machine cannot make one."""
+    """A throwaway non-root user, for one test module (tests/nonroot.py); skipped with the
+    reason where the machine cannot make one. Per module, so that the machine-wide lock it
+    holds is free again for the next module (a second flock of it in this process would
+    wait for ever)."""
     import nonroot
     why = nonroot.unavailable()
     if why:

@@ -1,6 +1,6 @@
 """A throwaway non-root user for the tests that run without root (marker ``nonroot``).
 
-``nonroot_user`` (session fixture, registered by conftest) yields a ``NonRootUser``:
+``nonroot_user`` (module fixture, registered by conftest) yields a ``NonRootUser``:
 created with ``useradd`` (home in a fresh directory under /tmp, a subordinate uid/gid
 range of 65536 for rootless podman), with /dev/fuse widened to 0666 if it was narrower.
 On teardown, even after failures: the user is removed (``userdel -r``; its /etc/subuid
