@@ -55,16 +55,12 @@ TOOLS = {**podkit.TOOLS, "newuidmap": "uidmap", "newgidmap": "uidmap"}
 TIMES: Dict[str, float] = {}
 KERNEL: Dict[str, tarindex.Index] = {}      # root + kernel results, made once per scenario
 
-# How the user's storage.conf passes the xattr form: the README's setup for now
-# (mountopt = "userxattr"); with no option at all, the daemon has to see by itself that
-# it cannot write trusted.* xattrs (issue 10) -- not on main yet, so strictly expected to
-# fail until it is (then drop the xfail).
+# How the user's storage.conf passes the xattr form: the README's setup (mountopt =
+# "userxattr"), and no option at all, where the daemon sees by itself that it cannot
+# write trusted.* xattrs (issue 10).
 MOUNTOPTS = [
     pytest.param("userxattr", id="mountopt-userxattr"),
-    pytest.param("", id="no-options", marks=pytest.mark.xfail(
-        strict=True, raises=podkit.PodmanError,
-        reason="issue 10: the daemon does not yet choose user.overlay.* xattrs by itself "
-               "when trusted.* cannot be written (mkdir over a removed lower dir: EPERM)")),
+    pytest.param("", id="no-options"),
 ]
 
 
