@@ -661,6 +661,7 @@ class FuseMount:
     proc: subprocess.Popen
     argv: List[str]
     log_path: str
+    stuck: str = ""      # where the daemon's threads waited, if it outlived the unmount
 
     @property
     def pid(self) -> int:
@@ -718,9 +719,37 @@ def fuse_mount(prog: Optional[str], lowers, upper=None, work=None, mnt=None, opt
             with contextlib.suppress(OSError):
                 os.unlink(log_path)
         if check_exit and not exc_pending and rc != 0:
-            what = ("did not exit within 20 s of the unmount (killed)" if rc is None
+            what = (f"did not exit within 20 s of the unmount (killed); its threads:\n"
+                    f"{m.stuck}" if rc is None
                     else f"exited with status {rc}")
             raise AssertionError(f"daemon {what} ({shlex.join(argv)}):\n{log}")
+
+
+def thread_states(pid: int) -> str:
+    """One line per thread of ``pid``: its name, state, wait channel and kernel stack
+    (the stack needs root; what cannot be read is left out)."""
+    lines = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"(no /proc/{pid}/task: {e.strerror})"
+    for tid in tids:
+        parts = []
+        for name in ("comm", "wchan", "stack"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            parts.append(" <- ".join(l.split()[-1] for l in text.splitlines())
+                         if name == "stack" else text)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                parts.insert(1, f.read().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            pass
+        lines.append(f"  thread {tid}: " + " | ".join(parts))
+    return "\n".join(lines)
 
 
 def _stop_daemon(m: FuseMount) -> Optional[int]:
@@ -732,7 +761,10 @@ def _stop_daemon(m: FuseMount) -> Optional[int]:
     try:
         return m.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        # The daemon did not notice the unmount: make sure nothing is left behind.
+        # The daemon did not notice the unmount. Record where each of its threads waits
+        # (an intermittent slow exit under load is not yet explained), then make sure
+        # nothing is left behind.
+        m.stuck = thread_states(m.proc.pid)
         unmount_quietly(mnt)
         with contextlib.suppress(ProcessLookupError):
             m.proc.kill()
