@@ -137,7 +137,13 @@ async def _serve(ops: Operations) -> None:
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
-        await pyfuse3.main(MIN_TASKS, MAX_TASKS)
+        try:
+            await pyfuse3.main(MIN_TASKS, MAX_TASKS)
+        except* ConnectionAbortedError:
+            # The kernel ended the connection with requests still queued: an unmount while
+            # RELEASEs of many just-closed files were pending (seen with 20,000), or an
+            # abort through fusectl. The mount is gone either way; nothing is left to serve.
+            log.warning("the kernel aborted the FUSE connection; the mount is gone")
         nursery.cancel_scope.cancel()
 
 
