@@ -183,18 +183,27 @@ def _build(side: Side) -> tarindex.Index:
     return side.export("localhost/built", side.files / "built.tar")
 
 
+def _on_both(sides, mountopt, what, make):
+    """``make(side)`` rootless on ours (with ``mountopt``) and, once per module, as root on
+    the kernel overlay (KERNEL caches it); each side's ``ctl-WHAT/fstype`` must name its
+    driver. Returns {side: index}."""
+    kernel, ours, prog, _ = sides
+    ours.pod.configure(mountopt)
+    idx = {ours: make(ours)}
+    assert _fstype(ours.files / f"ctl-{what}/fstype") == prog.fstype
+    if what not in KERNEL:
+        KERNEL[what] = make(kernel)
+        assert _fstype(kernel.files / f"ctl-{what}/fstype") == "overlay"
+    idx[kernel] = KERNEL[what]
+    return idx
+
+
 @pytest.mark.parametrize("mountopt", MOUNTOPTS)
 def test_build_matches_the_kernel(sides, mountopt):
     """``podman build`` rootless on our program gives the image root podman builds on the
     kernel overlay, path by path; every RUN step's / is one of our mounts."""
-    kernel, ours, prog, since = sides
-    ours.pod.configure(mountopt)
-    idx = {ours: _build(ours)}
-    assert _fstype(ours.files / "ctl-build/fstype") == prog.fstype
-    if "build" not in KERNEL:
-        KERNEL["build"] = _build(kernel)
-        assert _fstype(kernel.files / "ctl-build/fstype") == "overlay"
-    idx[kernel] = KERNEL["build"]
+    kernel, ours, _, since = sides
+    idx = _on_both(sides, mountopt, "build", _build)
 
     # the build did what the Containerfile says (on both sides, so the comparison means
     # something)
@@ -273,14 +282,8 @@ def _run_commit(side: Side) -> tarindex.Index:
 def test_run_and_commit_match_the_kernel(sides, mountopt):
     """Changes made by ``podman run`` in a container, then ``podman commit``: the committed
     image is the one root podman commits from the kernel overlay, path by path."""
-    kernel, ours, prog, since = sides
-    ours.pod.configure(mountopt)
-    idx = {ours: _run_commit(ours)}
-    assert _fstype(ours.files / "ctl-run/fstype") == prog.fstype
-    if "run" not in KERNEL:
-        KERNEL["run"] = _run_commit(kernel)
-        assert _fstype(kernel.files / "ctl-run/fstype") == "overlay"
-    idx[kernel] = KERNEL["run"]
+    kernel, ours, _, since = sides
+    idx = _on_both(sides, mountopt, "run", _run_commit)
 
     for side, e in idx.items():
         assert sorted(n for n in e.entries if n.startswith("usr/share/doc/")) == \
