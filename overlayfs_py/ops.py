@@ -789,8 +789,8 @@ class Operations(pyfuse3.Operations):
                 if e.errno == errno.ENODATA:
                     node.nocap = True
                 raise
-        sname = os.fsdecode(name)
-        if whiteout.is_private_xattr(sname):
+        sname = whiteout.layer_xattr_name(os.fsdecode(name), self.config.userxattr)
+        if sname is None:
             raise fuse_error(pyfuse3.ENOATTR)
         with self.ov.object_path(node) as p:
             return os.getxattr(p, sname)
@@ -799,7 +799,8 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         node = self._node(inode)
         with self.ov.object_path(node) as p:
-            names = [n for n in os.listxattr(p) if not whiteout.is_private_xattr(n)]
+            names = [c for c in (whiteout.client_xattr_name(n, self.config.userxattr)
+                                 for n in os.listxattr(p)) if c is not None]
         # trusted.* are listed to CAP_SYS_ADMIN only, as a local filesystem and the kernel
         # overlay do (the kernel leaves that filtering to the filesystem)
         if any(n.startswith("trusted.") for n in names) and \
@@ -810,8 +811,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode, name, value, ctx):
         self._need_writable()
-        sname = os.fsdecode(name)
-        if whiteout.is_private_xattr(sname):
+        sname = whiteout.layer_xattr_name(os.fsdecode(name), self.config.userxattr)
+        if sname is None:
             raise fuse_error(errno.EOPNOTSUPP)
         node = self._node(inode)
         await self.cu.copy_up(node, meta_only=True)
@@ -824,8 +825,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def removexattr(self, inode, name, ctx):
         self._need_writable()
-        sname = os.fsdecode(name)
-        if whiteout.is_private_xattr(sname):
+        sname = whiteout.layer_xattr_name(os.fsdecode(name), self.config.userxattr)
+        if sname is None:
             raise fuse_error(errno.EOPNOTSUPP)
         node = self._node(inode)
         with self.ov.object_path(node) as p:

@@ -10,6 +10,7 @@ Format written to the upper layer: kernel char 0/0 whiteouts and the ``overlay.o
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Optional
@@ -42,8 +43,52 @@ def oci_whiteout_target(name: bytes) -> Optional[bytes]:
     return target or None
 
 
+# The kernel (6.7 and later) lets a client of the mount use the overlay's own namespace,
+# stored escaped: a client's ``trusted.overlay.X`` is ``trusted.overlay.overlay.X`` in the
+# layer (``user.overlay.*`` with userxattr), so an overlay nested on this one keeps its
+# xattrs (overlayfs.rst, "Nesting overlayfs mounts"). Escaped names are data, not markers.
+ESCAPE = "overlay."
+XATTR_NAME_MAX = 255
+
+
+def own_prefix(userxattr: bool) -> str:
+    return "user.overlay." if userxattr else "trusted.overlay."
+
+
+def is_escaped_xattr(name: str) -> bool:
+    return name.startswith(("trusted.overlay." + ESCAPE, "user.overlay." + ESCAPE))
+
+
 def is_private_xattr(name: str) -> bool:
-    return name.startswith(PRIVATE_XATTR_PREFIXES)
+    """An overlay marker in a layer: never shown as it is, never copied up."""
+    return name.startswith(PRIVATE_XATTR_PREFIXES) and not is_escaped_xattr(name)
+
+
+def layer_xattr_name(name: str, userxattr: bool) -> Optional[str]:
+    """The name a client's xattr ``name`` has in the layers, or None if a client may not
+    use it: the other form's overlay namespace and fuse-overlayfs' (the daemon reads
+    markers of every form in the layers, so a client must not write one). Raises OSError
+    EOPNOTSUPP when the escaped name is too long, as the kernel does."""
+    own = own_prefix(userxattr)
+    if name.startswith(own):
+        escaped = own + ESCAPE + name[len(own):]
+        if len(os.fsencode(escaped)) > XATTR_NAME_MAX:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return escaped
+    if name.startswith(PRIVATE_XATTR_PREFIXES):
+        return None
+    return name
+
+
+def client_xattr_name(name: str, userxattr: bool) -> Optional[str]:
+    """How a layer's xattr ``name`` is listed through the mount: unescaped if escaped in
+    the mount's own form, None (not listed) for markers and the other forms."""
+    own = own_prefix(userxattr)
+    if name.startswith(own + ESCAPE):
+        return own + name[len(own) + len(ESCAPE):]
+    if name.startswith(PRIVATE_XATTR_PREFIXES):
+        return None
+    return name
 
 
 def opaque_value(get_xattr) -> Optional[bytes]:
