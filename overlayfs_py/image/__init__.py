@@ -26,8 +26,6 @@ Public API (all also reachable as ``overlayfs_py.image.<name>``)::
 """
 from .api import (MountPlan, Unpacked, commit, diff, history, open_image, open_store,
                   prepare_mount, resolve, unpack)
-from .commit import CommitResult
-from .diff import Change
 from .history import HistoryEntry
 from .errors import (CorruptData, DigestMismatch, HostileArchive, ImageError, NotFound,
                      StoreError, UnsupportedMediaType)
@@ -37,6 +35,19 @@ from .reference import SourceRef
 from .reference import parse as parse_reference
 from .inventory import Removed, listing, prune, remove_images
 from .store import LayerInfo, Lease, Store, default_path
+
+
+def __getattr__(name: str):
+    """``CommitResult`` and ``Change`` load their modules (commit, diff, xxhash) on first use,
+    so that commands that need neither do not pay for them at start-up."""
+    if name == "CommitResult":
+        from .commit import CommitResult as value
+    elif name == "Change":
+        from .diff import Change as value
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def pull(reference, **kw):

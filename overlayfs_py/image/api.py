@@ -12,21 +12,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import commit as _commit
-from . import diff as _diff
 from . import digest as _digest
 from . import history as _history
 from . import reference
-from .commit import CommitResult
-from .diff import Change
 from .errors import ImageError, NotFound
 from .history import HistoryEntry, scan_layer_size
 from .manifest import Image, Platform
 from .progress import Progress
 from .source import Source, open_source
 from .store import LayerInfo, Lease, Store, default_path
+
+if TYPE_CHECKING:                 # commit and diff load when used: not at every start-up
+    from .commit import CommitResult
+    from .diff import Change
 
 StoreArg = Union[None, str, Store]
 
@@ -226,7 +226,8 @@ def diff(upper: str, *, lowers: Sequence[str] = (), image: Optional[str] = None,
         if lowers:
             raise ImageError("give the lower layers either as directories or as an image")
         lowers = unpack(image, store=store, platform=platform, progress=progress).lowers()
-    return _diff.diff(upper, lowers, content=content)
+    from .diff import diff as diff_upper       # (the package's ``diff`` is this function)
+    return diff_upper(upper, lowers, content=content)
 
 
 def commit(upper: str, to: str, *, from_image: Optional[str] = None, store: StoreArg = None,
@@ -237,10 +238,12 @@ def commit(upper: str, to: str, *, from_image: Optional[str] = None, store: Stor
     """Write ``upper`` as a new layer on ``from_image`` into the layout ``to``
     (``LAYOUT[:TAG]``); see ``commit.py``. ``source_date_epoch`` defaults to
     ``$SOURCE_DATE_EPOCH``."""
-    epoch = _commit.source_date_epoch(source_date_epoch)
+    from .commit import commit as commit_upper
+    from .commit import source_date_epoch as epoch_of
+    epoch = epoch_of(source_date_epoch)
     if from_image is None:
-        return _commit.commit(upper, to, compression=compression, created_by=created_by,
-                              comment=comment, author=author, epoch=epoch, progress=progress)
+        return commit_upper(upper, to, compression=compression, created_by=created_by,
+                            comment=comment, author=author, epoch=epoch, progress=progress)
     ref = reference.parse(from_image)
     opened: List[Store] = []
 
@@ -256,10 +259,10 @@ def commit(upper: str, to: str, *, from_image: Optional[str] = None, store: Stor
                         platform=platform) as (image, src, _ref):
             def base_lowers() -> List[str]:
                 return unpack_layers(image, src, the_store(), progress=progress).lowers()
-            return _commit.commit(upper, to, base=image, base_source=src,
-                                  base_lowers=base_lowers, compression=compression,
-                                  created_by=created_by, comment=comment, author=author,
-                                  epoch=epoch, progress=progress)
+            return commit_upper(upper, to, base=image, base_source=src,
+                                base_lowers=base_lowers, compression=compression,
+                                created_by=created_by, comment=comment, author=author,
+                                epoch=epoch, progress=progress)
     finally:
         for s in opened:
             s.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -17,7 +16,9 @@ O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 RENAME_NOREPLACE = 1
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# the C library is in the process already: dlopen(NULL) finds it without find_library,
+# which runs ldconfig in a subprocess (at every command's start-up)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
 _libc.syncfs.argtypes = [ctypes.c_int]

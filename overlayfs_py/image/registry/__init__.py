@@ -16,22 +16,41 @@ Public API::
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from . import auth as _auth
-from .client import (AuthError, ConnectError, Options, Registry, RegistryError,
-                     RegistryNotFound, TimeoutError_)
-from .pull import Pulled, pull
-from .push import Pushed, push
-from .reference import RegistryRef
-from .reference import parse as parse_reference
+
+# The names below load their module on first use (PEP 562): ``client`` imports requests and
+# urllib3, a tenth of a second or more that every image command paid at start-up because
+# the command line registers the registry commands.
+_LAZY = {
+    "AuthError": ("client", "AuthError"), "ConnectError": ("client", "ConnectError"),
+    "Options": ("client", "Options"), "Registry": ("client", "Registry"),
+    "RegistryError": ("client", "RegistryError"),
+    "RegistryNotFound": ("client", "RegistryNotFound"),
+    "TimeoutError_": ("client", "TimeoutError_"),
+    "Pulled": ("pull", "Pulled"), "pull": ("pull", "pull"),
+    "Pushed": ("push", "Pushed"), "push": ("push", "push"),
+    "RegistryRef": ("reference", "RegistryRef"), "parse_reference": ("reference", "parse"),
+}
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
 
 
 def login(host: str, username: str, password: str, *, authfile: Optional[str] = None,
           options: Optional[Options] = None, check: bool = True) -> str:
     """Check the credentials against the registry (unless ``check`` is false), then store
     them for ``host`` in the auth file (see ``auth``); returns the file written."""
-    from .client import check_credentials
+    from .client import Options, Registry, check_credentials
     host = _auth.normalize_key(host).split("/", 1)[0]
     if check:
         ref_host = host
