@@ -141,3 +141,56 @@ def test_written_headers_read_back_by_tarfile_and_by_us():
     assert ours[3][3:5] == (3_000_000, 2 ** 33)
     assert ours[4][10] == [("security.capability", b"\x01\xff"), ("user.t", b"v")]
     assert header(b"a", b"0", size=1) == header(b"a", b"0", size=1)   # deterministic
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands out at most ``step`` bytes per read: the reader's pieces end at
+    awkward places (inside headers and file data)."""
+
+    def __init__(self, data: bytes, step: int):
+        super().__init__()
+        self.data, self.pos, self.step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.step if n is None or n < 0 else min(n, self.step)
+        out = self.data[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("step", [1, 511, 513, 4096, 1 << 20])
+def test_reader_views_skips_and_reads_across_pieces(step):
+    """view() (no copy), skip() and read() give the stream's bytes in order whatever the
+    piece boundaries, tell() follows them, and tar_size counts the whole tar (the trailing
+    zero blocks too)."""
+    data = os.urandom(300_000)
+    r = LayerReader(_Trickle(data, step), "none", blob_digest=None, diff_id=None)
+    got, pos = [], 0
+    for kind, n in [("read", 10), ("view", 5000), ("skip", 1234), ("view", 1), ("read", 0),
+                    ("skip", 70_000), ("read", 100_000), ("view", 1 << 20)] * 3:
+        if kind == "skip":
+            assert r.skip(n) == min(n, len(data) - pos)
+            pos += min(n, len(data) - pos)
+        else:
+            want = min(n, len(data) - pos)
+            b = bytes(r.read(n)) if kind == "read" else b""
+            if kind == "view":
+                while len(b) < want:                   # a view stops at the piece's end
+                    v = r.view(want - len(b))
+                    assert 0 < len(v) <= want - len(b)
+                    b += bytes(v)
+            assert b == data[pos:pos + want], (kind, n, pos)
+            pos += want
+        assert r.tell() == pos
+    assert pos == len(data) and len(r.view(10)) == 0 and r.read(10) == b""
+
+    tar = make_tar([F("a", "x" * 700), D("d"), F("d/b", os.urandom(5000))])
+    r = LayerReader(_Trickle(tar, step), "none", blob_digest=imagekit.sha(tar),
+                    diff_id=imagekit.sha(tar))
+    names = [m.name.rstrip(b"/") for m in members(r)]   # file data skipped, not read
+    assert names == [b"a", b"d", b"d/b"]
+    r.finish()
+    assert r.tar_size == len(tar)

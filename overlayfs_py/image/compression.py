@@ -117,7 +117,6 @@ class LayerReader(io.RawIOBase):
         self._pos = 0
         self._offset = 0
         self._eof = False
-        self.last_block: Optional[bytes] = None
 
     # -- the raw side
     def _read_raw_at_least(self, n: int) -> bytes:
@@ -254,6 +253,12 @@ class LayerReader(io.RawIOBase):
                 if not b:
                     return b"".join(parts)
                 parts.append(b)
+        pos = self._pos
+        end = pos + n
+        if end <= len(self._buf):                  # the common case: a tar header
+            self._pos = end
+            self._offset += n
+            return self._buf[pos:end]
         out = []
         want = n
         while want > 0:
@@ -264,7 +269,7 @@ class LayerReader(io.RawIOBase):
                 avail = len(self._buf)
             if self._pos == 0 and want >= avail:
                 piece = self._buf
-                self._buf = b""
+                self._pos = avail
             else:
                 piece = self._buf[self._pos:self._pos + want]
                 self._pos += len(piece)
@@ -272,9 +277,36 @@ class LayerReader(io.RawIOBase):
             want -= len(piece)
         data = out[0] if len(out) == 1 else b"".join(out) if out else b""
         self._offset += len(data)
-        if n == 512:
-            self.last_block = data       # tarfile reads headers one block at a time
         return data
+
+    def view(self, n: int) -> memoryview:
+        """Up to ``n`` bytes (at least one, unless at the end) as a view of the buffer they
+        are in: no copy. Valid as long as the caller holds it (the buffer is immutable)."""
+        avail = len(self._buf) - self._pos
+        if avail <= 0:
+            if not self._fill():
+                return memoryview(b"")
+            avail = len(self._buf)
+        k = n if n < avail else avail
+        pos = self._pos
+        self._pos = pos + k
+        self._offset += k
+        return memoryview(self._buf)[pos:pos + k]
+
+    def skip(self, n: int) -> int:
+        """Pass over ``n`` bytes without copying them; returns how many there were."""
+        left = n
+        while left > 0:
+            avail = len(self._buf) - self._pos
+            if avail <= 0:
+                if not self._fill():
+                    break
+                avail = len(self._buf)
+            k = left if left < avail else avail
+            self._pos += k
+            left -= k
+        self._offset += n - left
+        return n - left
 
     def readinto(self, b) -> int:
         data = self.read(len(b))
@@ -289,13 +321,14 @@ class LayerReader(io.RawIOBase):
         if pos < self._offset:
             raise io.UnsupportedOperation(f"LayerReader cannot seek back from {self._offset} "
                                           f"to {pos}")
-        while self._offset < pos:
-            if not self.read(min(pos - self._offset, RAW_CHUNK)):
-                break
+        if pos > self._offset:
+            self.skip(pos - self._offset)
         return self._offset
 
     # -- the end
     def drain(self) -> None:
+        self._offset += len(self._buf) - self._pos     # the rest of the current piece too
+        self._pos = len(self._buf)
         while self._fill():
             self._offset += len(self._buf) - self._pos
             self._pos = len(self._buf)

@@ -104,10 +104,11 @@ def _writable(fd: int) -> None:
 
 
 def write_all(fd: int, data) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
+    n = os.write(fd, data)
+    if n < len(data):                       # rare: a short write
+        mv = memoryview(data)[n:]
+        while mv:
+            mv = mv[os.write(fd, mv):]
 
 
 def write_file_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:

@@ -142,7 +142,10 @@ def members(reader) -> Iterator[Member]:
             if buf == ZERO:
                 return                                 # the end; trailing blocks are drained
             f = _HEADER.unpack_from(buf)
-            stored = _num(f[6], "checksum", where)
+            try:
+                stored = int(f[6].rstrip(b"\0 "), 8)
+            except ValueError:
+                stored = _num(f[6], "checksum", where)
             total = sum(buf) - sum(f[6]) + 8 * 32
             if stored != total:
                 signed = sum(b - 256 if b > 127 else b for b in buf) - \
@@ -151,7 +154,10 @@ def members(reader) -> Iterator[Member]:
                     raise CorruptData(f"corrupt tar: invalid header at offset {where} "
                                       "(checksum)")
             type_ = f[7]
-            size = _num(f[4], "size", where)
+            try:
+                size = int(f[4].rstrip(b"\0 "), 8)
+            except ValueError:
+                size = _num(f[4], "size", where)
             if size < 0:
                 raise CorruptData(f"corrupt tar: negative size at offset {where}")
             if type_ in (b"x", b"g", b"L", b"K", b"X"):
@@ -181,15 +187,24 @@ def members(reader) -> Iterator[Member]:
         if f[9] == b"ustar\0" and f[15][:1] != b"\0":  # POSIX: prefix/name
             name = _str(f[15]) + b"/" + name
         m.type = type_
-        m.mode = _num(f[1], "mode", where) & 0o7777
-        m.uid = _num(f[2], "uid", where)
-        m.gid = _num(f[3], "gid", where)
+        try:                                           # plain octal: the usual case
+            m.mode = int(f[1].rstrip(b"\0 "), 8) & 0o7777
+            m.uid = int(f[2].rstrip(b"\0 "), 8)
+            m.gid = int(f[3].rstrip(b"\0 "), 8)
+            m.mtime = int(f[5].rstrip(b"\0 "), 8)
+        except ValueError:                             # empty, base-256, NUL-padded, bad
+            m.mode = _num(f[1], "mode", where) & 0o7777
+            m.uid = _num(f[2], "uid", where)
+            m.gid = _num(f[3], "gid", where)
+            m.mtime = _num(f[5], "mtime", where)
         m.size = size
-        m.mtime = _num(f[5], "mtime", where)
         m.mtime_ns = None
         m.linkname = _str(f[8])
-        m.devmajor = _num(f[13], "devmajor", where) if type_ in (b"3", b"4") else 0
-        m.devminor = _num(f[14], "devminor", where) if type_ in (b"3", b"4") else 0
+        if type_ in (b"3", b"4"):
+            m.devmajor = _num(f[13], "devmajor", where)
+            m.devminor = _num(f[14], "devminor", where)
+        else:
+            m.devmajor = m.devminor = 0
         m.sparse = False
         m.xattrs = []
         if long_name is not None:

@@ -44,7 +44,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from . import ondisk
-from .tarstream import Member, members, mtime_ns
+from .tarstream import REGULAR, Member, members, mtime_ns
 from .errors import CorruptData, HostileArchive, StoreError
 from .fsutil import O_DIR, proc_path, rmtree_at, write_all
 
@@ -216,10 +216,12 @@ class Extractor:
         """A member name -> its components; refuses absolute names and '..'."""
         if raw.startswith(b"/"):
             raise HostileArchive(f"entry {shown!r}: absolute name")
-        parts = tuple(p for p in raw.split(b"/") if p and p != b".")
+        parts = raw.split(b"/")
+        if b"" in parts or b"." in parts:             # "./x", "x/", "a//b"
+            parts = [p for p in parts if p and p != b"."]
         if b".." in parts:
             raise HostileArchive(f"entry {shown!r}: '..' in its name")
-        return parts
+        return tuple(parts)
 
     def _trim_cache(self) -> None:
         while len(self.cache) > MAX_CACHED_DIRS:
@@ -339,19 +341,20 @@ class Extractor:
             return
         self.wait(parts)
         pfd = self.dir_fd(parts[:-1], shown)
-        if m.isdir():
+        t = m.type
+        if t in REGULAR and not m.sparse:
+            self.regular(m, pfd, parts, shown, reader)
+        elif t == b"5":
             self.directory(m, pfd, parts, shown)
         elif m.issparse():
             raise CorruptData(f"entry {shown!r} is a sparse file (not allowed in OCI layers)")
-        elif m.isreg():
-            self.regular(m, pfd, parts, shown, reader)
-        elif m.islnk():
+        elif t == b"1":
             self.hardlink(m, pfd, parts, shown)
-        elif m.issym():
+        elif t == b"2":
             self.symlink(m, pfd, parts, shown)
-        elif m.ischr() or m.isblk():
+        elif t == b"3" or t == b"4":
             self.device(m, pfd, parts, shown)
-        elif m.isfifo():
+        elif t == b"6":
             self.fifo(m, pfd, parts, shown)
         else:
             raise CorruptData(f"entry {shown!r} has an unsupported tar type {m.type!r}")
@@ -429,10 +432,10 @@ class Extractor:
                 reader.seek(m.offset_data)
                 remaining = m.size
                 while remaining:
-                    chunk = reader.read(min(remaining, CHUNK))
+                    chunk = reader.view(remaining if remaining < CHUNK else CHUNK)
                     if not chunk:
                         raise CorruptData(f"truncated tar (in the data of {shown!r})")
-                    write_all(fd, chunk)
+                    write_all(fd, chunk)           # straight from the reader's buffer
                     remaining -= len(chunk)
             self.file_attrs(fd, m, shown)
         finally:
@@ -441,10 +444,12 @@ class Extractor:
         self.stats.bytes += m.size
 
     def file_attrs(self, fd: int, m, shown: str) -> None:
-        self._owner(lambda: os.fchown(fd, m.uid, m.gid), m, shown)
+        if m.uid != self.euid or m.gid != self.egid:
+            self._owner(lambda: os.fchown(fd, m.uid, m.gid), m, shown)
         os.fchmod(fd, m.mode & 0o7777)
-        self._set_xattrs(fd, self._xattrs(m, shown), shown)   # after chown: it clears
-        ns = mtime_ns(m)                                      # security.capability
+        if m.xattrs:                                          # after chown: it clears
+            self._set_xattrs(fd, self._xattrs(m, shown), shown)   # security.capability
+        ns = m.mtime_ns if m.mtime_ns is not None else m.mtime * 1_000_000_000
         os.utime(fd, ns=(ns, ns))
 
     def hardlink(self, m, pfd, parts, shown) -> None:
