@@ -153,8 +153,9 @@ def arena(tmp_path):
     return tmp_path, outside
 
 
+@pytest.mark.parametrize("threads", ["0", "4"])             # one thread; the writer pool
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_hostile_layer_is_refused(arena, case):
+def test_hostile_layer_is_refused(arena, case, threads):
     tmp_path, outside = arena
     build, needle = CASES[case]
     made = build(outside)
@@ -165,7 +166,8 @@ def test_hostile_layer_is_refused(arena, case):
     lay.write_raw_layer_image(blob, media, diff_id)
     store = tmp_path / "store"
     before = _listing(tmp_path, "store")
-    r = cli("image", "unpack", f"{lay.root}:t", "--store", store)
+    r = cli("image", "unpack", f"{lay.root}:t", "--store", store,
+            env={"OVERLAYFS_PY_UNPACK_THREADS": threads})
     one_line_error(r, needle)
     assert "layer 1/1" in r.stderr
     assert _listing(tmp_path, "store") == before          # nothing outside the store

@@ -567,6 +567,60 @@ def test_threaded_unpack_equals_sequential(tmp_path):
     assert trees[0]["d0/link0"]["links"] == ()         # f0 was replaced after the link
 
 
+@pytest.mark.parametrize("threads", ["0", "4"])
+def test_a_failing_write_stores_no_layer(tmp_path, threads):
+    """A file the unpacker cannot write (here: over the process's file size limit, EFBIG)
+    fails the unpack with one line naming the entry, whether it was written by the main
+    thread or by a worker of the pool, and leaves no layer and an empty tmp/; the pending
+    writes of the other workers are dropped with it."""
+    import resource
+    entries = [F(f"d{i % 5}/small{i}", os.urandom(300)) for i in range(200)]
+    entries.insert(100, F("d1/too-big", os.urandom(200_000)))   # a pool-sized file
+    lay = Layout(tmp_path / "layout")
+    lay.write_image([make_tar(entries)], tag="t", compression="gzip")
+    store = tmp_path / "store"
+    assert cli("image", "list", "--store", store).returncode == 0       # made, not limited
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    r = cli("image", "unpack", f"{lay.root}:t", "--store", store, preexec_fn=limit,
+            env={"OVERLAYFS_PY_UNPACK_THREADS": threads})
+    one_line_error(r, "d1/too-big")
+    assert "too large" in r.stderr.lower(), r.stderr
+    assert stored_layers(store) == []
+    assert_store_clean(store)
+
+
+def test_unpack_threads_from_the_environment(tmp_path, monkeypatch):
+    """$OVERLAYFS_PY_UNPACK_THREADS sets the writer threads of a store's unpack (0: one
+    thread for everything); not a number: a one-line error, nothing stored."""
+    import importlib
+    store_mod = importlib.import_module("overlayfs_py.image.store")
+    unpack_mod = importlib.import_module("overlayfs_py.image.unpack")    # (not api.unpack)
+    seen = []
+    real = store_mod.unpack_tar
+
+    def spy(*a, **kw):
+        seen.append(kw["threads"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store_mod, "unpack_tar", spy)
+    tar = make_tar([F("a", "1")])
+    for value, want in [("3", 3), ("0", 0), ("", unpack_mod.DEFAULT_THREADS)]:
+        monkeypatch.setenv("OVERLAYFS_PY_UNPACK_THREADS", value)
+        with store_mod.Store(str(tmp_path / f"s{value or 'default'}")) as s:
+            s.unpack_layer(__import__("io").BytesIO(tar), diff_id=imagekit.sha(tar),
+                           media_type=imagekit.MEDIA["none"])
+        assert seen[-1] == want, value
+    lay = Layout(tmp_path / "layout")
+    lay.write_image([tar], tag="t")
+    r = cli("image", "unpack", f"{lay.root}:t", "--store", tmp_path / "s-bad",
+            env={"OVERLAYFS_PY_UNPACK_THREADS": "many"})
+    one_line_error(r, "OVERLAYFS_PY_UNPACK_THREADS")
+    assert stored_layers(tmp_path / "s-bad") == []
+
+
 def _run_on_a_terminal(args):
     """Run the command with its stderr on a pseudo-terminal; what it drew there."""
     import fcntl

@@ -61,7 +61,7 @@ from .fsutil import (O_DIR, RENAME_NOREPLACE, fsync_quietly, read_file_at, renam
                      syncfs, write_file_at)
 from .manifest import Descriptor, Image
 from .source import Source
-from .unpack import DEFAULT_THREADS, Warnings, unpack_tar
+from .unpack import Warnings, default_threads, unpack_tar
 
 STORE_VERSION = 1
 ENV = "OVERLAYFS_PY_STORE"
@@ -448,7 +448,7 @@ class Store:
 
     def _unpack_new(self, stream, diff_id, compression, media_type, blob_digest, blob_size,
                     oci_markers, task, what, threads) -> LayerInfo:
-        threads = DEFAULT_THREADS if threads is None else threads
+        threads = default_threads() if threads is None else threads
         algo, hexd = _digest.split(diff_id)
         with self._tempdir("layer-") as (tmp, name, dfd):
             os.mkdir("root", 0o700, dir_fd=dfd)

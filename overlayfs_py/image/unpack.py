@@ -24,7 +24,9 @@ and a warning says so (``Warnings``); nothing is silently turned into something 
 Directory modes and mtimes are applied at the end, deepest first (creating entries changes a
 directory's mtime, and a read-only directory mode would stop a non-root unpack).
 
-Small regular files are written by a few worker threads (``threads``): the main thread
+Small regular files can be written by a few worker threads (``threads``; by default only
+on machines with more than two CPUs, see ``DEFAULT_THREADS``, and
+``$OVERLAYFS_PY_UNPACK_THREADS`` sets the number for a store's unpack): the main thread
 parses the tar and reads each file's data, a worker creates the file, writes it and sets its
 attributes (system calls that release the GIL). Everything that depends on such a file
 (a later entry of the same name, a hard link to it, removing a directory above it, the final
@@ -53,7 +55,12 @@ MAX_CACHED_DIRS = 128
 POOL_FILE_MAX = 1 << 20           # larger files are written by the main thread, streaming
 POOL_BYTES = 32 << 20             # data held for pending writes, at most
 POOL_JOBS = 512                   # pending writes, at most
-DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+# One thread on a machine of two CPUs or fewer: measured on a 2-vCPU VM shared with other
+# work, a pool of 2 (and the read-ahead thread with it) made a 200 MB debootstrap layer
+# slower to unpack than one thread (1.7-2.5 s against 1.15-1.6 s, and twice the user CPU):
+# the threads mostly waited for the GIL and for a CPU. Larger machines keep the pool.
+DEFAULT_THREADS = 0 if (os.cpu_count() or 1) <= 2 else min(4, os.cpu_count() or 1)
+THREADS_ENV = "OVERLAYFS_PY_UNPACK_THREADS"
 SWITCH_INTERVAL = 0.0005          # seconds; see Extractor.run
 
 _NOPRIV = (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP,
@@ -65,6 +72,16 @@ _KIND_TEXT = {
     "xattr": "xattrs not set",
     "overlay-xattr": "overlay xattrs in the tar dropped",
 }
+
+
+def default_threads() -> int:
+    """Writer threads for a store's unpack: $OVERLAYFS_PY_UNPACK_THREADS, else
+    ``DEFAULT_THREADS``."""
+    value = os.environ.get(THREADS_ENV, "")
+    try:
+        return max(0, int(value)) if value else DEFAULT_THREADS
+    except ValueError:
+        raise StoreError(f"${THREADS_ENV}: not a number of threads: {value!r}") from None
 
 
 class Warnings:
