@@ -752,19 +752,44 @@ def thread_states(pid: int) -> str:
     return "\n".join(lines)
 
 
+def mount_holders(mountpoint: str) -> str:
+    """Processes of other mount namespaces in which ``mountpoint`` is still mounted, one
+    per namespace. A namespace made while the mount existed (``unshare -m``, a container,
+    rootless podman's pause process) holds a copy of it, and the FUSE connection lives
+    until that copy goes: the daemon then rightly keeps serving after our unmount."""
+    own = os.stat("/proc/self/ns/mnt").st_ino
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            if ns == own or ns in found:
+                continue
+            with open(f"/proc/{pid}/mountinfo") as f:
+                if any(line.split()[4] == mountpoint for line in f):
+                    with open(f"/proc/{pid}/comm") as c:
+                        found[ns] = f"{pid} ({c.read().strip()})"
+        except (OSError, IndexError):
+            continue
+    return ", ".join(found.values())
+
+
 def _stop_daemon(m: FuseMount) -> Optional[int]:
     mnt = m.mountpoint
+    how = "fusermount3 -u"
     if is_mounted(mnt):
         r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
         if r.returncode != 0 and is_mounted(mnt):
+            how = f"fusermount3 -u -z (after: {r.stderr.decode().strip()})"
             subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
     try:
         return m.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        # The daemon did not notice the unmount. Record where each of its threads waits
-        # (an intermittent slow exit under load is not yet explained), then make sure
-        # nothing is left behind.
-        m.stuck = thread_states(m.proc.pid)
+        # The daemon did not notice the unmount. Record how it was unmounted, where each
+        # of its threads waits, and who else still has the mount, then make sure nothing
+        # is left behind.
+        holders = mount_holders(os.fspath(mnt))
+        m.stuck = (f"  unmounted by {how}; still mounted in the mount namespaces of: "
+                   f"{holders or 'none'}\n" + thread_states(m.proc.pid))
         unmount_quietly(mnt)
         with contextlib.suppress(ProcessLookupError):
             m.proc.kill()
