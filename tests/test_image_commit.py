@@ -362,6 +362,41 @@ def test_commit_without_a_base_and_errors(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".overlayfs-py-tmp")]
 
 
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, (1 << 20) - 1, 1 << 20, (3 << 20) + 7])
+def test_commit_file_data_is_exactly_the_stat_size(tmp_path, size):
+    """A file's data goes into the tar whole, padded to the block; a file that turns out
+    longer or shorter than its stat said (changed while committed) is refused, not cut or
+    padded (the writer reads one byte more than it expects, to see the end)."""
+    import importlib
+    commit_mod = importlib.import_module("overlayfs_py.image.commit")
+    errors = importlib.import_module("overlayfs_py.image.errors")
+    data = os.urandom(size + 1)
+    path = tmp_path / "f"
+    cases = [(size, size, True), (size, size + 1, False)]
+    if size:                    # an empty file (by its stat) is written without a read
+        cases.append((size + 1, size, False))
+    for actual, said, ok in cases:
+        path.write_bytes(data[:actual])
+        out = io.BytesIO()
+        tw = commit_mod.TarWriter(out)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if ok:
+                tw.add(b"H" * 512, fd, said, "f")
+                tw.close()
+                body = out.getvalue()
+                assert body[:512] == b"H" * 512
+                assert body[512:512 + size] == data[:size]
+                assert body[512 + size:] == bytes(-size % 512 + 1024)
+                assert tw.bytes == size
+            else:
+                with pytest.raises(errors.ImageError,
+                                   match="grew" if actual > said else "shrank"):
+                    tw.add(b"H" * 512, fd, said, "f")
+        finally:
+            os.close(fd)
+
+
 # ------------------------------------------------------------------------------ real tools
 
 def _tool(cmd: str) -> str:

@@ -103,13 +103,15 @@ class TarWriter:
             return
         left = size
         while left:
-            chunk = os.read(fd, min(left, FLUSH))
+            # the last read asks for one byte more: one system call finds the end, or that
+            # the file grew (a regular file reads short only at its end)
+            chunk = os.read(fd, left + 1 if left <= FLUSH else FLUSH)
             if not chunk:
                 raise ImageError(f"{what}: the file shrank while it was committed")
+            if len(chunk) > left:
+                raise ImageError(f"{what}: the file grew while it was committed")
             self._put(chunk)
             left -= len(chunk)
-        if os.read(fd, 1):
-            raise ImageError(f"{what}: the file grew while it was committed")
         self.bytes += size
         pad = -size % BLOCK
         if pad:
