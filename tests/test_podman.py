@@ -35,6 +35,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "podman"))
 
 import podkit  # noqa: E402
+import tarindex  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -53,12 +54,12 @@ class Image:
         self.tar = tarfile.open(path)
         self.members: Dict[str, tarfile.TarInfo] = {}
         for m in self.tar.getmembers():
-            self.members[_norm(m.name)] = m
+            self.members[tarindex.norm(m.name)] = m
 
     def data(self, name: str) -> bytes:
         m = self.members[name.lstrip("/")]
         if m.islnk():
-            m = self.members[_norm(m.linkname)]
+            m = self.members[tarindex.norm(m.linkname)]
         f = self.tar.extractfile(m)
         assert f is not None, name
         return f.read()
@@ -82,11 +83,6 @@ class Image:
         status = self.data("var/lib/dpkg/status").decode()
         return sum(1 for block in status.split("\n\n")
                    if "\nStatus: install ok installed" in "\n" + block)
-
-
-def _norm(name: str) -> str:
-    name = name[2:] if name.startswith("./") else name
-    return name.rstrip("/")
 
 
 def _sha(data: bytes) -> str:
@@ -535,8 +531,9 @@ echo DOC3=$(ls -A /usr/share/doc | tr '\n' ,)
 
 def test_export_matches_image(pod, image, tmp_path):
     """``podman export`` of a fresh container (a full read of the merged tree through the
-    mount program) reproduces the image: names, types, modes, owners, sizes, mtimes,
-    symlink targets, hard links and the content of every file."""
+    mount program) reproduces the image: names, types, modes, owners, sizes, the content
+    of every file, symlink targets, device numbers, xattrs, hard links and mtimes, of
+    directories too (tests/podman/tarindex.py)."""
     pod("create", "--name", "ovl-export", "--network", "none", BASE, "true")
     try:
         t0 = time.monotonic()
@@ -545,40 +542,10 @@ def test_export_matches_image(pod, image, tmp_path):
     finally:
         pod("rm", "ovl-export", check=False)
 
-    def index(path: Path) -> Dict[str, tuple]:
-        out: Dict[str, tuple] = {}
-        links: Dict[str, str] = {}
-        with tarfile.open(path) as t:
-            for m in t:
-                name = _norm(m.name)
-                if not name or name == ".":
-                    continue
-                if m.islnk():
-                    links[name] = _norm(m.linkname)
-                    continue
-                detail = m.linkname if m.issym() else ""
-                if m.isreg():
-                    f = t.extractfile(m)
-                    detail = _sha(f.read()) if f else ""
-                mtime = "" if m.isdir() else int(m.mtime)
-                out[name] = (m.type if not m.isreg() else tarfile.REGTYPE, m.mode & 0o7777,
-                             m.uid, m.gid, m.size if m.isreg() else 0, mtime, detail)
-        for name, target in links.items():
-            out[name] = out[target]
-        groups: Dict[str, set] = {}
-        for name, target in links.items():
-            groups.setdefault(target, {target}).add(name)
-        return out, sorted(sorted(g) for g in groups.values())
-
-    want, want_links = index(image.path)
-    got, got_links = index(tmp_path / "export.tar")
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    differ = sorted(n for n in set(want) & set(got) if want[n] != got[n])
-    assert not missing and not extra and not differ, (
-        f"missing {missing[:20]}\nextra {extra[:20]}\n" +
-        "\n".join(f"{n}: image {want[n]} export {got[n]}" for n in differ[:20]))
-    assert got_links == want_links
+    diffs = tarindex.compare(tarindex.index(image.path),
+                             tarindex.index(tmp_path / "export.tar"),
+                             dir_mtimes=True, names=("image", "export"))
+    assert not diffs, "\n".join(diffs[:60])
 
 
 def test_build(pod, tmp_path):

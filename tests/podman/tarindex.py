@@ -8,6 +8,8 @@ record of their target, and the link groups are compared as sets of names.
 where either side is older than ``since`` (a file from the base image keeps its time
 through a copy-up); a file both sides wrote after ``since`` only has to be newer on both.
 ``dir_mtimes=False`` leaves directory mtimes out.
+Used by tests/test_podman.py (an export against the image tar) and
+tests/test_podman_rootless.py (rootless on ours against root on the kernel overlay).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ class Index:
     link_groups: List[List[str]]     # sorted names sharing one inode (more than one)
 
 
-def _norm(name: str) -> str:
+def norm(name: str) -> str:
+    """A member's name as a relative path: no leading ``./``, no leading or trailing ``/``."""
     while name.startswith("./"):
         name = name[2:]
     return name.strip("/")
@@ -53,11 +56,11 @@ def index(path: Path) -> Index:
     links: Dict[str, str] = {}
     with tarfile.open(path) as t:
         for m in t:
-            name = _norm(m.name)
+            name = norm(m.name)
             if not name or name == ".":
                 continue
             if m.islnk():
-                links[name] = _norm(m.linkname)
+                links[name] = norm(m.linkname)
                 continue
             digest = ""
             if m.isreg():
@@ -70,7 +73,8 @@ def index(path: Path) -> Index:
             xattrs = tuple(sorted((k[len("SCHILY.xattr."):], v)
                                   for k, v in m.pax_headers.items()
                                   if k.startswith("SCHILY.xattr.")))
-            entries[name] = Entry(TYPES.get(m.type, repr(m.type)), m.mode & 0o7777, m.uid,
+            kind = "file" if m.isreg() else TYPES.get(m.type, repr(m.type))
+            entries[name] = Entry(kind, m.mode & 0o7777, m.uid,
                                   m.gid, m.size if m.isreg() else 0, digest,
                                   m.linkname if m.issym() else "",
                                   (m.devmajor, m.devminor) if m.ischr() or m.isblk() else (0, 0),
