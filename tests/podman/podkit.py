@@ -220,6 +220,24 @@ def _build_rootfs() -> None:
             ROOTFS_TAR.with_name(ROOTFS_TAR.name + ".tmp").unlink()
 
 
+# --------------------------------------------------------------------------- configuration
+
+def containers_conf(**engine: str) -> str:
+    """The containers.conf every podman of the tests runs with (root podman's private one
+    here, the rootless user's in tests/podman/userpod.py): runc, cgroupfs, events in a
+    file, open files within the machine's cap; ``engine`` adds ``[engine]`` keys."""
+    extra = "".join(f'{k} = "{v}"\n' for k, v in engine.items())
+    return f"""\
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+{extra}"""
+
+
 # --------------------------------------------------------------------------- mount program
 
 @dataclasses.dataclass
@@ -308,19 +326,9 @@ class Podman:
                                .replace("__LOGDIR__", shlex.quote(str(self.logdir))))
             wrapper.chmod(0o755)
             storage_prog = str(wrapper)
-        (self.root / "containers.conf").write_text(f"""\
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{self.root}/events.log"
-tmp_dir = "{self.root}/libpod-tmp"
-lock_type = "file"
-image_copy_tmp_dir = "{self.tmp}"
-
+        (self.root / "containers.conf").write_text(containers_conf(
+            events_logfile_path=f"{self.root}/events.log", tmp_dir=f"{self.root}/libpod-tmp",
+            lock_type="file", image_copy_tmp_dir=str(self.tmp)) + f"""
 [network]
 network_config_dir = "{self.root}/net"
 """)

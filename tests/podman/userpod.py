@@ -27,16 +27,6 @@ from typing import Dict, List, Optional, Sequence
 
 import podkit
 
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-"""
-
 
 def storage_conf(mount_program: str, mountopt: str = "") -> str:
     opt = f'mountopt = "{mountopt}"\n' if mountopt else ""
@@ -74,7 +64,7 @@ class UserPodman:
         for d in (runtime_dir, conf, self.store):
             self.mkdir(d)
         self.runtime_dir.chmod(0o700)
-        self.write(conf / "containers.conf", CONTAINERS_CONF)
+        self.write(conf / "containers.conf", podkit.containers_conf())
         self.conf = conf
         self.configure()
         self.env = {"HOME": str(self.home), "USER": user, "LOGNAME": user,
