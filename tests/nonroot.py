@@ -45,17 +45,18 @@ class NonRootUser:
         return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
                 "PATH": ENV_PATH, "LANG": "C.UTF-8"}
 
-    def argv(self, argv: Sequence[str], userns: bool = False, subids: bool = False) -> List[str]:
+    def argv(self, argv: Sequence[str], userns: bool = False, subids: bool = False,
+             env: Optional[dict] = None) -> List[str]:
         """``argv`` as the user (``userns``: as uid 0 of a new user and mount namespace
         of the user; ``subids``: with its subordinate ids as 1..65536 there, as podman
-        maps them)."""
+        maps them), in a clean environment (``env``: variables added to it)."""
         inner = (["unshare", "-Urm"] if userns or subids else [])
         if subids:
             inner += [f"--map-users={self.subid_start('uid')},1,{SUBID_COUNT}",
                       f"--map-groups={self.subid_start('gid')},1,{SUBID_COUNT}"]
         inner += list(argv)
         return ["runuser", "-u", self.name, "--", "env", "-i",
-                *(f"{k}={v}" for k, v in self.env().items()), *inner]
+                *(f"{k}={v}" for k, v in {**self.env(), **(env or {})}.items()), *inner]
 
     def subid_start(self, kind: str) -> int:
         for line in Path(f"/etc/sub{kind}").read_text().splitlines():
@@ -142,39 +143,54 @@ def _kill_user_processes(uid: int) -> None:
                     os.kill(int(d.name), 9)
 
 
+_held = False      # this process is inside nonroot_user()
+
+
 @contextlib.contextmanager
 def nonroot_user() -> Iterator[NonRootUser]:
-    """The fixture's body (see the module docstring)."""
-    with open(LOCK, "a") as lock:
-        os.chmod(LOCK, 0o644)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old_mode = stat.S_IMODE(os.stat(FUSE_DEV).st_mode)
-        base = Path(tempfile.mkdtemp(prefix="ovl-nonroot-"))
-        name = f"ovlnr{os.getpid()}"
-        created = False
-        try:
-            if old_mode & 0o006 != 0o006:
-                os.chmod(FUSE_DEV, old_mode | 0o666)
-            base.chmod(0o755)
-            start = _free_subid_start()
-            subprocess.run(["useradd", "-m", "-d", str(base / "home"), "-s", "/bin/sh",
-                            "-K", f"SUB_UID_MIN={start}", "-K", f"SUB_GID_MIN={start}",
-                            "-K", f"SUB_UID_COUNT={SUBID_COUNT}",
-                            "-K", f"SUB_GID_COUNT={SUBID_COUNT}", name],
-                           check=True, capture_output=True, text=True)
-            created = True
-            if len(_subid_lines(name)) != 2:
-                raise RuntimeError(f"useradd gave {name} no subordinate id ranges")
-            yield NonRootUser(name, base / "home")
-        finally:
+    """The fixture's body (see the module docstring); tests/test_podman_rootless.py enters
+    it too (its module takes no ``nonroot_user`` fixture). Not nestable: a second flock of
+    LOCK on another fd of this process would wait for the first for ever, so a nested call
+    raises instead."""
+    global _held
+    if _held:
+        raise RuntimeError("nonroot_user() inside nonroot_user(): one throwaway user at a "
+                           f"time per process ({LOCK} is held here already)")
+    _held = True
+    try:
+        with open(LOCK, "a") as lock:
+            os.chmod(LOCK, 0o644)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old_mode = stat.S_IMODE(os.stat(FUSE_DEV).st_mode)
+            base = Path(tempfile.mkdtemp(prefix="ovl-nonroot-"))
+            name = f"ovlnr{os.getpid()}"
+            created = False
             try:
-                if created:
-                    _kill_user_processes(pwd.getpwnam(name).pw_uid)
-                    r = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
-                    left = _subid_lines(name)
-                    if r.returncode not in (0, 12) or left:  # 12: home not removed (ours)
-                        raise RuntimeError(f"userdel -r {name}: exit {r.returncode} "
-                                           f"{r.stderr.strip()}; left: {left}")
+                if old_mode & 0o006 != 0o006:
+                    os.chmod(FUSE_DEV, old_mode | 0o666)
+                base.chmod(0o755)
+                start = _free_subid_start()
+                subprocess.run(["useradd", "-m", "-d", str(base / "home"), "-s", "/bin/sh",
+                                "-K", f"SUB_UID_MIN={start}", "-K", f"SUB_GID_MIN={start}",
+                                "-K", f"SUB_UID_COUNT={SUBID_COUNT}",
+                                "-K", f"SUB_GID_COUNT={SUBID_COUNT}", name],
+                               check=True, capture_output=True, text=True)
+                created = True
+                if len(_subid_lines(name)) != 2:
+                    raise RuntimeError(f"useradd gave {name} no subordinate id ranges")
+                yield NonRootUser(name, base / "home")
             finally:
-                remove_tree(base)
-                os.chmod(FUSE_DEV, old_mode)
+                try:
+                    if created:
+                        _kill_user_processes(pwd.getpwnam(name).pw_uid)
+                        r = subprocess.run(["userdel", "-r", name], capture_output=True,
+                                           text=True)
+                        left = _subid_lines(name)
+                        if r.returncode not in (0, 12) or left:  # 12: home not removed (ours)
+                            raise RuntimeError(f"userdel -r {name}: exit {r.returncode} "
+                                               f"{r.stderr.strip()}; left: {left}")
+                finally:
+                    remove_tree(base)
+                    os.chmod(FUSE_DEV, old_mode)
+    finally:
+        _held = False

@@ -1,17 +1,17 @@
 """Rootless podman on overlayfs-py, against root podman on the kernel overlay.
 
-A throwaway user with subordinate uid/gid ranges runs podman with our program as the
-overlay driver's ``mount_program`` (podman runs it as uid 0 of the user's namespace, with
-``-o lowerdir=...,upperdir=...,workdir=...``), configured as the README's "Without root"
-section says (tests/podman/userpod.py): with ``mountopt = "userxattr"``, and with no
-extra mount option at all, which needs the daemon to choose ``user.overlay.*`` xattrs by
-itself (issue 10; strictly expected to fail until that lands). Root podman with the kernel overlay driver (no mount
-program) does the same work, and the results are compared path by path (type, mode with
-setuid/setgid bits, owner, size, sha256, symlink target, device numbers, xattrs, hard link
-groups, file mtimes that came from the image; tests/podman/tarindex.py): a
-``podman build`` of a Containerfile that deletes, replaces a directory, purges a package,
-adds hard links, a fifo and setuid files; and a ``podman run`` that changes a container,
-then ``podman commit``. Both must give 0 differences.
+A throwaway user (tests/nonroot.py) with subordinate uid/gid ranges runs podman with our
+program as the overlay driver's ``mount_program`` (podman runs it as uid 0 of the user's
+namespace, with ``-o lowerdir=...,upperdir=...,workdir=...``), configured as the README's
+"Without root" section says (tests/podman/userpod.py): with ``mountopt = "userxattr"``,
+and with no extra mount option at all, where the daemon chooses ``user.overlay.*`` xattrs
+by itself (issue 10). Root podman with the kernel overlay driver (no mount program) does
+the same work, and the results are compared path by path (type, mode with setuid/setgid
+bits, owner, size, sha256, symlink target, device numbers, xattrs, hard link groups, file
+mtimes that came from the image; tests/podman/tarindex.py): a ``podman build`` of a
+Containerfile that deletes, replaces a directory, purges a package, adds hard links, a
+fifo and setuid files; and a ``podman run`` that changes a container, then ``podman
+commit``. Both must give 0 differences.
 
 The base image is the root podman tests' debootstrap rootfs (tests/podman/podkit.py,
 cached once per machine) without its device nodes: a rootless store cannot hold them
@@ -42,6 +42,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "podman"))
 
+import nonroot  # noqa: E402
 import podkit  # noqa: E402
 import tarindex  # noqa: E402
 import userpod  # noqa: E402
@@ -105,17 +106,19 @@ def sides(tmp_path_factory):
         rootfs = podkit.ensure_rootfs()
     except podkit.Unavailable as e:
         pytest.skip(str(e))
+    why = nonroot.unavailable()
+    if why:
+        pytest.skip(why)
     problems: List[str] = []
     with contextlib.ExitStack() as stack:
         Path(LOCK).parent.mkdir(parents=True, exist_ok=True)
         lock = stack.enter_context(open(LOCK, "a"))
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            user = stack.enter_context(userpod.throwaway_user())
-        except podkit.Unavailable as e:
-            pytest.skip(str(e))
+        # the user's lock (tests/nonroot.py) after the podman lock, in that order wherever
+        # both are taken
+        user = stack.enter_context(nonroot.nonroot_user())
         root_tmp = tmp_path_factory.mktemp("rootless")
-        upod = userpod.UserPodman(user, prog.path, Path(userpod.home_of(user)) / "xdg-run")
+        upod = userpod.UserPodman(user, prog.path, user.home / "xdg-run")
         # registered before anything can fail, so the store goes before the user does
         stack.callback(lambda: problems.extend(upod.cleanup()))
         kpod = podkit.Podman(root_tmp / "kernel", podkit.MountProgram(None, None, "overlay", ()))
@@ -125,7 +128,7 @@ def sides(tmp_path_factory):
         base = upod.home / "base.tar"
         skipped = userpod.filter_tar(rootfs.tar, base)
         os.chown(base, upod.uid, upod.gid)
-        print(f"\n[rootless] user {user}, mount program {prog.path}; base image without "
+        print(f"\n[rootless] user {user.name}, mount program {prog.path}; base image without "
               f"its {skipped} device nodes ({time.monotonic() - t0:.1f} s)")
         kernel = Side("root, kernel overlay", kpod, root_tmp / "kernel-files",
                       lambda p: (p.mkdir(parents=True, exist_ok=True), p)[1])

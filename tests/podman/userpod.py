@@ -1,13 +1,16 @@
 """Rootless podman: podman run by a normal user, with our program as its mount program.
 
-Used by tests/test_podman_rootless.py. ``UserPodman`` sets a user up the way the README's
-"Without root" section tells a user to (``~/.config/containers/storage.conf`` with
-``mount_program``, ``~/.config/containers/containers.conf``; nothing else, no extra mount
-options), runs ``podman`` as that user (``runuser``; podman then maps the user's
-subordinate id ranges with newuidmap/newgidmap and runs the mount program as uid 0 of
-that user namespace), and on ``cleanup()`` removes every container and image, stops what
-is left of the user's podman (its pause process, conmon, our daemons) by pid, and deletes
-the store (its files belong to subordinate ids: removed as root).
+Used by tests/test_podman_rootless.py, with tests/nonroot.py's throwaway user
+(``nonroot.nonroot_user()``: subordinate uid and gid ranges, /dev/fuse open to it; the
+user, its ranges and the device's mode are undone afterwards). ``UserPodman`` sets that
+user up the way the README's "Without root" section tells a user to
+(``~/.config/containers/storage.conf`` with ``mount_program``,
+``~/.config/containers/containers.conf``; nothing else, no extra mount options), runs
+``podman`` as that user (``runuser``; podman then maps the user's subordinate id ranges
+with newuidmap/newgidmap and runs the mount program as uid 0 of that user namespace), and
+on ``cleanup()`` removes every container and image, stops what is left of the user's
+podman (its pause process, conmon, our daemons) by pid, and deletes the store (its files
+belong to subordinate ids: removed as root).
 
 The store is podman's default for the user (``~/.local/share/containers/storage``), so no
 ``--root`` is passed: with ``--root``, podman 4.3 drops storage.conf's driver options
@@ -17,15 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shlex
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import podkit
+import nonroot  # noqa: E402  (tests/, on the path podkit sets)
 
 
 def storage_conf(mount_program: str, mountopt: str = "") -> str:
@@ -39,24 +42,14 @@ mount_program = "{mount_program}"
 {opt}"""
 
 
-def subid_ranges(user: str, path: str) -> List[range]:
-    """The user's ranges in /etc/subuid or /etc/subgid."""
-    out = []
-    with contextlib.suppress(OSError):
-        for line in Path(path).read_text().splitlines():
-            f = line.strip().split(":")
-            if len(f) == 3 and f[0] == user:
-                out.append(range(int(f[1]), int(f[1]) + int(f[2])))
-    return out
-
-
 class UserPodman:
-    """podman as ``user`` (who must have subordinate uid and gid ranges)."""
+    """podman as ``user`` (tests/nonroot.py's throwaway user: it has subordinate uid and
+    gid ranges, and /dev/fuse is open to it)."""
 
-    def __init__(self, user: str, mount_program: str, runtime_dir: Path):
+    def __init__(self, user: nonroot.NonRootUser, mount_program: str, runtime_dir: Path):
         self.user = user
-        pw = pwd.getpwnam(user)
-        self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, Path(pw.pw_dir)
+        self.who = f" (as {user.name})"     # in messages
+        self.uid, self.gid, self.home = user.uid, user.gid, user.home
         self.prog = mount_program
         self.runtime_dir = runtime_dir
         self.store = self.home / ".local" / "share" / "containers"
@@ -67,9 +60,7 @@ class UserPodman:
         self.write(conf / "containers.conf", podkit.containers_conf())
         self.conf = conf
         self.configure()
-        self.env = {"HOME": str(self.home), "USER": user, "LOGNAME": user,
-                    "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
-                    "XDG_RUNTIME_DIR": str(runtime_dir), "LANG": "C.UTF-8"}
+        self.env = {"XDG_RUNTIME_DIR": str(runtime_dir)}     # beside the user's own
 
     def configure(self, mountopt: str = "") -> None:
         """(Re)write the user's storage.conf: our mount program, and ``mountopt`` if any
@@ -100,18 +91,17 @@ class UserPodman:
     # -- running podman
     def __call__(self, *args: str, check: bool = True, timeout: float = 300
                  ) -> subprocess.CompletedProcess:
-        cmd = ["runuser", "-u", self.user, "--", "env", "-i",
-               *(f"{k}={v}" for k, v in self.env.items()), "podman", *args]
+        cmd = self.user.argv(["podman", *args], env=self.env)
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                cwd=self.home, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
-            raise podkit.PodmanError(f"podman {shlex.join(args)} (as {self.user}) timed out "
+            raise podkit.PodmanError(f"podman {shlex.join(args)}{self.who} timed out "
                                      f"after {timeout} s\nstdout: {podkit._tail(podkit._s(e.stdout))}"
                                      f"\nstderr: {podkit._tail(podkit._s(e.stderr))}")
         if check and r.returncode != 0:
             raise podkit.PodmanError(
-                f"podman {shlex.join(args)} (as {self.user}) exited {r.returncode}\n"
+                f"podman {shlex.join(args)}{self.who} exited {r.returncode}\n"
                 f"--- stdout:\n{podkit._tail(r.stdout, 40)}\n--- stderr:\n"
                 f"{podkit._tail(r.stderr, 40)}")
         return r
@@ -122,7 +112,8 @@ class UserPodman:
     # -- what the user's podman left running
     def processes(self) -> Dict[int, List[str]]:
         """pid -> argv of every process running as the user or one of its subordinate uids."""
-        ranges = subid_ranges(self.user, "/etc/subuid")
+        start = self.user.subid_start("uid")
+        ranges = [range(start, start + nonroot.SUBID_COUNT)]
         out = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -156,7 +147,7 @@ class UserPodman:
             try:
                 r = self(*args, check=False, timeout=180)
                 if r.returncode != 0:
-                    problems.append(f"podman {' '.join(args)} (as {self.user}) exited "
+                    problems.append(f"podman {' '.join(args)}{self.who} exited "
                                     f"{r.returncode}: {podkit._tail(r.stderr, 5)}")
             except podkit.PodmanError as e:
                 problems.append(str(e))
@@ -205,66 +196,3 @@ def filter_tar(src: Path, dst: Path, skip_devices: bool = True) -> int:
                 continue
             tout.addfile(m, tin.extractfile(m) if m.isreg() else None)
     return skipped
-
-
-
-# ------------------------------------------------------------------ a throwaway user
-# (until a shared fixture for this exists: tests/nonroot.py)
-
-NONROOT_LOCK = "/run/lock/overlayfs-py-nonroot.lock"
-
-
-def _free_subid_start(count: int) -> int:
-    end = 200000
-    for path in ("/etc/subuid", "/etc/subgid"):
-        with contextlib.suppress(OSError):
-            for line in Path(path).read_text().splitlines():
-                f = line.strip().split(":")
-                if len(f) == 3 and f[1].isdigit() and f[2].isdigit():
-                    end = max(end, int(f[1]) + int(f[2]))
-    return -(-end // count) * count
-
-
-@contextlib.contextmanager
-def throwaway_user(prefix: str = "ovlpod", count: int = 65536):
-    """A new user with a home and one subordinate uid and gid range of ``count`` ids,
-    /dev/fuse opened to everyone (mode 0666) meanwhile; the user (home, subordinate ids)
-    is deleted and /dev/fuse's mode restored afterwards. Holds NONROOT_LOCK throughout
-    (other tests change /dev/fuse's mode under it too)."""
-    import fcntl
-    Path(NONROOT_LOCK).parent.mkdir(parents=True, exist_ok=True)
-    with open(NONROOT_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        name = f"{prefix}{os.getpid() % 100000}"
-        fuse_mode = os.stat("/dev/fuse").st_mode & 0o7777
-        r = subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            raise podkit.Unavailable(f"useradd {name}: {r.stderr.strip()}")
-        try:
-            if not subid_ranges(name, "/etc/subuid") or not subid_ranges(name, "/etc/subgid"):
-                start = _free_subid_start(count)
-                ids = f"{start}-{start + count - 1}"
-                r = subprocess.run(["usermod", "--add-subuids", ids, "--add-subgids", ids,
-                                    name], capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise podkit.Unavailable(f"usermod --add-subuids: {r.stderr.strip()}")
-            os.chmod("/dev/fuse", 0o666)
-            yield name
-        finally:
-            os.chmod("/dev/fuse", fuse_mode)
-            r = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
-            if pwd_exists(name):
-                raise RuntimeError(f"userdel -r {name} failed: {r.stderr.strip()}")
-
-
-def pwd_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
-
-
-def home_of(user: str) -> str:
-    return pwd.getpwnam(user).pw_dir
