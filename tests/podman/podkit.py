@@ -359,18 +359,8 @@ runroot = "{self.run_root}"
     def __call__(self, *args: str, check: bool = True, timeout: float = 300,
                  input: Optional[str] = None, stdin=None) -> subprocess.CompletedProcess:
         cmd = ["podman", *args]
-        try:
-            r = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
-                               timeout=timeout, input=input,
-                               stdin=stdin if input is None else None)
-        except subprocess.TimeoutExpired as e:
-            raise PodmanError(f"{shlex.join(cmd)} timed out after {timeout} s\n"
-                              f"stdout: {_tail(_s(e.stdout))}\nstderr: {_tail(_s(e.stderr))}")
-        if check and r.returncode != 0:
-            raise PodmanError(f"{shlex.join(cmd)} exited {r.returncode}\n"
-                              f"--- stdout:\n{_tail(r.stdout, 40)}\n--- stderr:\n"
-                              f"{_tail(r.stderr, 40)}")
-        return r
+        return run_podman(cmd, shlex.join(cmd), check, timeout, env=self.env, input=input,
+                          stdin=stdin if input is None else None)
 
     def out(self, *args: str, **kw) -> str:
         return self(*args, **kw).stdout
@@ -438,15 +428,7 @@ runroot = "{self.run_root}"
     # -- cleanup
     def cleanup(self) -> List[str]:
         """Remove everything; return what had to be forced (leaks) as messages."""
-        problems: List[str] = []
-        for args in (("rm", "-a", "-f", "-t", "0"), ("rmi", "-a", "-f")):
-            try:
-                r = self(*args, check=False, timeout=180)
-                if r.returncode != 0:
-                    problems.append(f"podman {' '.join(args)} exited {r.returncode}: "
-                                    f"{_tail(r.stderr, 5)}")
-            except PodmanError as e:
-                problems.append(str(e))
+        problems = remove_all(self)
         # The daemons exit once podman has unmounted; give them a moment.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and (self.mounts() or self._daemons()):
@@ -481,6 +463,36 @@ runroot = "{self.run_root}"
     def _daemons(self) -> List[int]:
         return [pid for pid, argv in self.processes().items()
                 if any(m in " ".join(argv) for m in self.prog.markers)]
+
+
+def run_podman(cmd: Sequence[str], what: str, check: bool = True, timeout: float = 300,
+               **kw) -> subprocess.CompletedProcess:
+    """Run the podman command line ``cmd`` (``what`` names it in errors). PodmanError if it
+    times out, or (``check``) exits non-zero: with the tails of its output."""
+    try:
+        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise PodmanError(f"{what} timed out after {timeout} s\n"
+                          f"stdout: {_tail(_s(e.stdout))}\nstderr: {_tail(_s(e.stderr))}")
+    if check and r.returncode != 0:
+        raise PodmanError(f"{what} exited {r.returncode}\n--- stdout:\n{_tail(r.stdout, 40)}"
+                          f"\n--- stderr:\n{_tail(r.stderr, 40)}")
+    return r
+
+
+def remove_all(pod, who: str = "") -> List[str]:
+    """``podman rm -a -f`` and ``podman rmi -a -f`` through ``pod`` (a Podman, or
+    userpod.UserPodman: ``who`` names its user); what failed, as messages."""
+    problems: List[str] = []
+    for args in (("rm", "-a", "-f", "-t", "0"), ("rmi", "-a", "-f")):
+        try:
+            r = pod(*args, check=False, timeout=180)
+            if r.returncode != 0:
+                problems.append(f"podman {' '.join(args)}{who} exited "
+                                f"{r.returncode}: {_tail(r.stderr, 5)}")
+        except PodmanError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _s(b) -> str:

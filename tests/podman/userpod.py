@@ -91,20 +91,9 @@ class UserPodman:
     # -- running podman
     def __call__(self, *args: str, check: bool = True, timeout: float = 300
                  ) -> subprocess.CompletedProcess:
-        cmd = self.user.argv(["podman", *args], env=self.env)
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                               cwd=self.home, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as e:
-            raise podkit.PodmanError(f"podman {shlex.join(args)}{self.who} timed out "
-                                     f"after {timeout} s\nstdout: {podkit._tail(podkit._s(e.stdout))}"
-                                     f"\nstderr: {podkit._tail(podkit._s(e.stderr))}")
-        if check and r.returncode != 0:
-            raise podkit.PodmanError(
-                f"podman {shlex.join(args)}{self.who} exited {r.returncode}\n"
-                f"--- stdout:\n{podkit._tail(r.stdout, 40)}\n--- stderr:\n"
-                f"{podkit._tail(r.stderr, 40)}")
-        return r
+        return podkit.run_podman(self.user.argv(["podman", *args], env=self.env),
+                                 f"podman {shlex.join(args)}{self.who}", check, timeout,
+                                 cwd=self.home, stdin=subprocess.DEVNULL)
 
     def out(self, *args: str, **kw) -> str:
         return self(*args, **kw).stdout
@@ -142,15 +131,7 @@ class UserPodman:
     def cleanup(self) -> List[str]:
         """Remove every container and image, stop the user's podman processes, delete the
         store and the runtime dir; return what had to be forced (leaks) as messages."""
-        problems: List[str] = []
-        for args in (("rm", "-a", "-f", "-t", "0"), ("rmi", "-a", "-f")):
-            try:
-                r = self(*args, check=False, timeout=180)
-                if r.returncode != 0:
-                    problems.append(f"podman {' '.join(args)}{self.who} exited "
-                                    f"{r.returncode}: {podkit._tail(r.stderr, 5)}")
-            except podkit.PodmanError as e:
-                problems.append(str(e))
+        problems = podkit.remove_all(self, self.who)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and self.daemons():
             time.sleep(0.2)
