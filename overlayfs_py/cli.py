@@ -118,6 +118,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _daemonize(config)
 
 
+def _dump_stats() -> None:
+    """Request statistics, if OVERLAYFS_PY_STATS asked for them (stats.py)."""
+    from . import stats
+    stats.dump()
+
+
 def _mount_failed_message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
@@ -130,6 +136,7 @@ def _run_foreground(config: Config) -> int:
         return 1
     try:
         run(config, lambda: log.info("mounted %s", config.mountpoint))
+        _dump_stats()
     except MountError as e:
         _err(_mount_failed_message(e))
         return 1
@@ -254,6 +261,7 @@ def _child(config: Config, wfd: int) -> int:
         return fail(f"cannot load the FUSE backend: {e}")
     try:
         run(config, on_ready)
+        _dump_stats()
     except MountError as e:
         return fail(_mount_failed_message(e))
     except ConfigError as e:

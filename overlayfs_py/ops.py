@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import pyfuse3
 import trio
 
-from . import atime, creds, directio, filedata, passthrough, whiteout
+from . import atime, creds, directio, filedata, passthrough, stats, whiteout
 from .config import Config
 from .copyup import CopyUp, Workdir, copy_up_removed_dir
 from .dirops import Namespace
@@ -65,8 +65,13 @@ def handler(fn):
         if self.tune_pending:            # the first request after INIT
             self.tune_pending = False
             tune_readahead(self.config.mountpoint)
+        counts = self.stats              # OVERLAYFS_PY_STATS (stats.py): None when off
+        if counts is not None:
+            t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+        failed = True
         try:
             result = await fn(self, *args)
+            failed = False
         except pyfuse3.FUSEError as e:
             if debug:
                 log.debug("<- %s: %s", name, errno.errorcode.get(e.errno, e.errno))
@@ -90,6 +95,9 @@ def handler(fn):
                 await self._flush_invalidations(name in _NO_DIR_LOCK)
             if self._stale_attrs:
                 await self._flush_stale_attrs()
+            if counts is not None:
+                counts.add(name, time.perf_counter_ns() - t0, time.thread_time_ns() - c0,
+                           failed)
         if debug:
             log.debug("<- %s ok", name)
         return result
@@ -139,11 +147,18 @@ class Operations(pyfuse3.Operations):
         # with a SETATTR while it holds the directory's lock (see setattr)
         self._ns_changed: set = set()
         self._stale_attrs: list = []       # inodes whose attributes the kernel must refetch
+        # request statistics (OVERLAYFS_PY_STATS: stats.py), None when off
+        self.stats = stats.from_env()
+        if self.stats is not None:
+            self.stats.info.update(mountpoint=config.mountpoint, layers=len(ov.layers),
+                                   lowers=list(config.lowers), upper=config.upper)
 
     def init(self):
         # called while pyfuse3 handles INIT, just before it replies: the bdi is tuned at
         # the next request, once the kernel has taken the reply (tune_readahead)
         self.tune_pending = True
+        if self.stats is not None:
+            self.stats.t_init = time.time()
         if self.enable_passthrough:
             if pyfuse3.passthrough_enabled():
                 self.pt = passthrough.Passthrough(
@@ -267,6 +282,8 @@ class Operations(pyfuse3.Operations):
         else:
             node = self.ov.child(parent, name)
             if node is None:
+                if self.stats is not None:
+                    self.stats.note("lookup negative")
                 return self.ov.negative_entry()
         return self._entry(node)
 
@@ -776,6 +793,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def getxattr(self, inode, name, ctx):
         node = self._node(inode)
+        if self.stats is not None:
+            self.stats.note("getxattr " + os.fsdecode(name))
         if name == CAPABILITY:
             # The kernel asks for this before every write(2) to a FUSE file (a write must
             # drop file capabilities, and FUSE inodes never get S_NOSEC): one request per

@@ -262,3 +262,43 @@ def _assert_exits_cleanly(m) -> None:
         time.sleep(0.02)
     assert m.proc.returncode == 0, f"daemon still running or failed: {m.proc.returncode}"
     assert not os.path.ismount(wk.mp(m))
+
+
+def test_request_statistics_at_unmount(make_layers, tmp_path):
+    """OVERLAYFS_PY_STATS=DIR: the daemon writes its per-request-type counts at unmount
+    (overlayfs_py/stats.py), and they count what was asked."""
+    fuse_only("the daemon's own statistics")
+    if wk.is_fuse_overlayfs():
+        pytest.skip("overlayfs-py's statistics")
+    import json
+    import sys
+    import layerkit
+    stack = make_layers({"d/f": "x", "d/g": "y"}, upper=True)
+    out = tmp_path / "stats"
+    env = dict(os.environ, OVERLAYFS_PY_STATS=str(out))
+    (tmp_path / "mnt").mkdir()
+    with layerkit.fuse_mount(f"{sys.executable} -m overlayfs_py", stack.lowers, stack.upper,
+                             stack.work, tmp_path / "mnt", env=env) as m:
+        d = os.path.join(m.path, "d")
+        for _ in range(3):
+            try:
+                os.getxattr(os.path.join(d, "f"), "security.capability")
+            except OSError:
+                pass
+        assert sorted(os.listdir(d)) == ["f", "g"]
+        with open(os.path.join(d, "new"), "w") as f:
+            f.write("z")
+        pid = m.proc.pid
+    (path,) = out.glob("stats-*.json")
+    assert path.name == f"stats-{pid}.json"
+    rep = json.loads(path.read_text())
+    ops = rep["ops"]
+    # every probe is a request (FUSE caches no xattrs), and so is the kernel's own before
+    # the write
+    caps = rep["detail"]["getxattr security.capability"]
+    assert caps >= 3 and ops["getxattr"]["count"] == caps == ops["getxattr"]["errors"]
+    assert ops["create"]["count"] == 1 and ops["create"]["errors"] == 0
+    assert ops["readdir"]["count"] >= 1
+    assert rep["requests"] == sum(o["count"] for o in ops.values())
+    assert rep["start"] <= rep["init"] <= rep["first_request"] <= rep["last_request"] <= rep["end"]
+    assert rep["mountpoint"] == str(tmp_path / "mnt") and rep["layers"] == 2
