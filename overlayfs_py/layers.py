@@ -62,6 +62,87 @@ class Layer:
         return f"Layer({self.index}, {self.path!r}, writable={self.writable})"
 
 
+# listxattrat(2) and getxattrat(2) (Linux 6.13): the xattrs of ``name`` in a directory fd in
+# one syscall. Before them it took three (an O_PATH open, the call through /proc/self/fd,
+# a close): a container engine's diff walk asks for security.capability and the list of
+# every file of two trees at each build step. Their numbers are the same on every
+# architecture (the unified table from 5.1 on).
+_SYS_GETXATTRAT, _SYS_LISTXATTRAT = 464, 465
+AT_SYMLINK_NOFOLLOW = 0x100
+_listxattrat = _libc["syscall"]      # its own function object: argtypes of its own
+_listxattrat.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
+                         ctypes.c_void_p, ctypes.c_size_t]
+_listxattrat.restype = ctypes.c_long
+_getxattrat = _libc["syscall"]
+_getxattrat.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
+                        ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+_getxattrat.restype = ctypes.c_long
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
+_XATTR_ARGS_SIZE = ctypes.sizeof(_XattrArgs)
+
+
+_at_calls = [True]        # cleared when the kernel has no *xattrat calls (ENOSYS)
+
+
+def listxattr_at(dir_fd: int, name: bytes) -> list:
+    """The xattr names (str) of ``name`` in ``dir_fd``, not following a symlink."""
+    if _at_calls[0]:
+        size = 1024
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = _listxattrat(_SYS_LISTXATTRAT, dir_fd, name, AT_SYMLINK_NOFOLLOW, buf, size)
+            if n >= 0:
+                if n == 0:
+                    return []
+                return [os.fsdecode(x) for x in buf.raw[:n].split(b"\0") if x]
+            e = ctypes.get_errno()
+            if e == errno.ERANGE and size < 65536:
+                size = 65536
+                continue
+            if e != errno.ENOSYS:
+                raise OSError(e, os.strerror(e))
+            _at_calls[0] = False
+            break
+    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        return os.listxattr(proc_path(fd))
+    finally:
+        os.close(fd)
+
+
+def getxattr_at(dir_fd: int, name: bytes, attr: str) -> bytes:
+    """The value of xattr ``attr`` of ``name`` in ``dir_fd``, not following a symlink."""
+    if _at_calls[0]:
+        size = 4096
+        battr = os.fsencode(attr)
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            args = _XattrArgs(ctypes.addressof(buf), size, 0)
+            n = _getxattrat(_SYS_GETXATTRAT, dir_fd, name, AT_SYMLINK_NOFOLLOW, battr,
+                            ctypes.byref(args), _XATTR_ARGS_SIZE)
+            if n >= 0:
+                return buf.raw[:n]
+            e = ctypes.get_errno()
+            if e == errno.ERANGE and size < 65536:
+                size = 65536
+                continue
+            if e != errno.ENOSYS:
+                raise OSError(e, os.strerror(e))
+            _at_calls[0] = False
+            break
+    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        return os.getxattr(proc_path(fd), attr)
+    finally:
+        os.close(fd)
+
+
 def lstat_at(dir_fd: int, name: bytes):
     """lstat of name in dir_fd; None when absent (absence is not an error in a layer).
 

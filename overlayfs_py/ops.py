@@ -34,6 +34,7 @@ TRIM_INTERVAL = 0.25       # seconds between checks of the node table's size (tr
 _NO_DIR_LOCK = frozenset(("open", "setattr", "setxattr", "removexattr"))
 READ_AHEAD_KB = 2048
 CAPABILITY = b"security.capability"
+CAPABILITY_NAME = "security.capability"
 
 
 def tune_readahead(mountpoint: str) -> None:
@@ -65,6 +66,7 @@ def handler(fn):
         if self.tune_pending:            # the first request after INIT
             self.tune_pending = False
             tune_readahead(self.config.mountpoint)
+        self.seq += 1                    # requests begun and ended (see listxattr)
         counts = self.stats              # OVERLAYFS_PY_STATS (stats.py): None when off
         if counts is not None:
             t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
@@ -89,6 +91,7 @@ def handler(fn):
             log.exception("internal error in %s%r", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
+            self.seq += 1
             if self.ov.changed_dirs:
                 self._drop_listings()
             if self.ov.pending_invalidations:
@@ -147,6 +150,10 @@ class Operations(pyfuse3.Operations):
         # with a SETATTR while it holds the directory's lock (see setattr)
         self._ns_changed: set = set()
         self._stale_attrs: list = []       # inodes whose attributes the kernel must refetch
+        self.seq = 0                       # +1 as each request begins and as it ends
+        # (node, its xattr names, self.seq) listed by the last GETXATTR of
+        # security.capability, for the LISTXATTR that usually follows it
+        self._xattr_list = None
         # request statistics (OVERLAYFS_PY_STATS: stats.py), None when off
         self.stats = stats.from_env()
         if self.stats is not None:
@@ -801,25 +808,32 @@ class Operations(pyfuse3.Operations):
             # write. A file only gains it by setxattr through the mount, so remember a miss.
             if node.nocap:
                 raise fuse_error(pyfuse3.ENOATTR)
-            try:
-                with self.ov.object_path(node) as p:
-                    return os.getxattr(p, "security.capability")
-            except OSError as e:
-                if e.errno == errno.ENODATA:
-                    node.nocap = True
-                raise
+            # A container engine's diff walk (containers/storage with a mount_program) asks
+            # every file of two trees for this and then for its list: list the names
+            # (one syscall either way) and keep them for a LISTXATTR that comes next.
+            names = self.ov.list_xattrs(node)
+            self._xattr_list = (node, names, self.seq)
+            if CAPABILITY_NAME not in names:
+                node.nocap = True
+                raise fuse_error(pyfuse3.ENOATTR)
+            return self.ov.get_xattr(node, CAPABILITY_NAME)
         sname = whiteout.layer_xattr_name(os.fsdecode(name), self.config.userxattr)
         if sname is None:
             raise fuse_error(pyfuse3.ENOATTR)
-        with self.ov.object_path(node) as p:
-            return os.getxattr(p, sname)
+        return self.ov.get_xattr(node, sname)
 
     @handler
     async def listxattr(self, inode, ctx):
         node = self._node(inode)
-        with self.ov.object_path(node) as p:
-            names = [c for c in (whiteout.client_xattr_name(n, self.config.userxattr)
-                                 for n in os.listxattr(p)) if c is not None]
+        kept, self._xattr_list = self._xattr_list, None
+        if kept is not None and kept[0] is node and kept[2] + 2 == self.seq:
+            # listed by the GETXATTR just before, with no request begun or ended since
+            # (the handler wrapper counts both in self.seq), so nothing can have changed
+            names = kept[1]
+        else:
+            names = self.ov.list_xattrs(node)
+        names = [c for c in (whiteout.client_xattr_name(n, self.config.userxattr)
+                             for n in names) if c is not None]
         # trusted.* are listed to CAP_SYS_ADMIN only, as a local filesystem and the kernel
         # overlay do (the kernel leaves that filtering to the filesystem)
         if any(n.startswith("trusted.") for n in names) and \

@@ -20,7 +20,7 @@ from . import dirindex, index as xindex, lookup, whiteout
 from .config import Config
 from .idmap import IdMap
 from .inodes import ROOT_INODE, InodeTable, Node
-from .layers import Layer, lstat_at, open_dir_at, open_path_at
+from .layers import Layer, getxattr_at, listxattr_at, lstat_at, open_dir_at, open_path_at
 from .readdir import Listing
 
 log = logging.getLogger("overlayfs_py")
@@ -723,6 +723,25 @@ class Overlay:
         return a
 
     # ----------------------------------------------------------------- xattrs
+    def list_xattrs(self, node: Node) -> List[str]:
+        """The xattr names of the node's backing object (the overlay's own included): one
+        syscall (flistxattr on a directory's fd, listxattrat on a file's parent)."""
+        if node.is_dir:
+            if node.unlinked:
+                return os.listxattr(self.removed_dir_fd(node))
+            return os.listxattr(self.dirfd(node, node.layer))
+        dir_fd, name = self.parent_fd(node)
+        return listxattr_at(dir_fd, name)
+
+    def get_xattr(self, node: Node, attr: str) -> bytes:
+        """The value of one xattr of the node's backing object (OSError ENODATA if none)."""
+        if node.is_dir:
+            if node.unlinked:
+                return os.getxattr(self.removed_dir_fd(node), attr)
+            return os.getxattr(self.dirfd(node, node.layer), attr)
+        dir_fd, name = self.parent_fd(node)
+        return getxattr_at(dir_fd, name, attr)
+
     def object_path(self, node: Node):
         """A context manager giving a /proc path to the node's backing object (O_PATH fd)."""
         return _ObjectPath(self, node)

@@ -752,6 +752,37 @@ def test_xattr_errors_and_values(ovl):
     assert err(os.getxattr, p, "user.nope") == "ENODATA"
 
 
+def test_xattr_list_after_a_capability_probe(ovl):
+    """A diff walk (containers/storage with a mount_program) asks each file for
+    security.capability and then for its xattr list; the daemon answers that list from the
+    probe (ops.listxattr). It must stay exact: for files, directories and symlinks, lower
+    and upper, and after a change made between the two requests."""
+    o = ovl({"f": File("f", xattrs={"user.a": b"1", "trusted.t": b"2"}),
+             "d": Dir(xattrs={"user.d": b"3"}), "d/x": "x", "l": Symlink("f"), "g": "g"})
+    cap = "security.capability"
+
+    def probe(name):
+        assert err(os.getxattr, o.p(name), cap, follow_symlinks=False) == "ENODATA"
+        return sorted(os.listxattr(o.p(name), follow_symlinks=False))
+
+    assert probe("f") == ["trusted.t", "user.a"]
+    assert probe("d") == ["user.d"]
+    assert probe("l") == []
+    assert probe("g") == []
+    # a change between the probe and the list is seen by the list
+    assert err(os.getxattr, o.p("g"), cap) == "ENODATA"
+    os.setxattr(o.p("g"), "user.new", b"v")
+    assert os.listxattr(o.p("g")) == ["user.new"]
+    assert probe("g") == ["user.new"]
+    os.removexattr(o.p("f"), "user.a")
+    assert probe("f") == ["trusted.t"]
+    # a file given a capability shows it, and lists it, afterwards
+    value = bytes.fromhex("0100000200100000000000000000000000000000")   # cap_net_raw
+    os.setxattr(o.p("g"), cap, value)
+    assert os.getxattr(o.p("g"), cap) == value
+    assert sorted(os.listxattr(o.p("g"))) == [cap, "user.new"]
+
+
 def test_private_overlay_xattrs_do_not_leak_or_take_effect(ovl):
     o = ovl({"d": OPAQUE_KERNEL, "d/x": "x", "m/x": "x"}, {"d/y": "y", "m/y": "y"})
     assert not any(n.startswith("trusted.overlay.") for n in os.listxattr(o.p("d")))
