@@ -85,13 +85,30 @@ class _XattrArgs(ctypes.Structure):
 
 
 _XATTR_ARGS_SIZE = ctypes.sizeof(_XattrArgs)
+AT_FDCWD = -100
 
 
-_at_calls = [True]        # cleared when the kernel has no *xattrat calls (ENOSYS)
+def _probe_at_calls() -> bool:
+    """Whether listxattrat(2) works here: the kernel may predate it (ENOSYS), and a seccomp
+    filter that does not know it may refuse it with any errno (EPERM under some container
+    runtimes), which must not become the answer for every file."""
+    buf = ctypes.create_string_buffer(65536)
+    if _listxattrat(_SYS_LISTXATTRAT, AT_FDCWD, b"/", 0, buf, 65536) < 0:
+        return False
+    args = _XattrArgs(ctypes.addressof(buf), 65536, 0)
+    if _getxattrat(_SYS_GETXATTRAT, AT_FDCWD, b"/", 0, b"user.overlayfs-py.probe",
+                   ctypes.byref(args), _XATTR_ARGS_SIZE) >= 0:
+        return True
+    return ctypes.get_errno() in (errno.ENODATA, errno.EOPNOTSUPP)
+
+
+_at_calls = [None]        # None: not probed yet; then whether the *xattrat calls work
 
 
 def listxattr_at(dir_fd: int, name: bytes) -> list:
     """The xattr names (str) of ``name`` in ``dir_fd``, not following a symlink."""
+    if _at_calls[0] is None:
+        _at_calls[0] = _probe_at_calls()
     if _at_calls[0]:
         size = 1024
         while True:
@@ -118,6 +135,8 @@ def listxattr_at(dir_fd: int, name: bytes) -> list:
 
 def getxattr_at(dir_fd: int, name: bytes, attr: str) -> bytes:
     """The value of xattr ``attr`` of ``name`` in ``dir_fd``, not following a symlink."""
+    if _at_calls[0] is None:
+        _at_calls[0] = _probe_at_calls()
     if _at_calls[0]:
         size = 4096
         battr = os.fsencode(attr)

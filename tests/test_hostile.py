@@ -46,6 +46,7 @@ that is why the probes look up names that only the sentinel has -- ``leak-TOKEN`
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -320,3 +321,39 @@ def test_daemon_never_opens_the_sentinel(make_layers, outside, tmp_path):
     assert "openat" in text or "open(" in text, "strace recorded nothing: wrong trace set?"
     bad = strace_violations(text, str(outside), TOKEN)
     assert not bad, "the daemon reached the sentinel:\n" + "\n".join(bad[:30])
+
+
+@pytest.mark.parametrize("at_calls", [True, False], ids=["xattrat", "o_path"])
+def test_xattr_helpers_never_follow_a_symlink(tmp_path, monkeypatch, at_calls):
+    """layers.listxattr_at / getxattr_at (one syscall with listxattrat/getxattrat, or an
+    O_PATH open where the kernel lacks them) act on a symlink itself, never on its target,
+    and give the layer's errors (ENODATA, ENOENT) as they are."""
+    from overlayfs_py import layers
+    if at_calls and not layers._probe_at_calls():
+        pytest.skip("no listxattrat/getxattrat here (Linux < 6.13 or a seccomp filter)")
+    monkeypatch.setattr(layers, "_at_calls", [at_calls])
+    target = tmp_path / "target"
+    target.write_text("t")
+    os.setxattr(target, "user.secret", b"s" * 2000)
+    d = tmp_path / "layer"
+    d.mkdir()
+    (d / "link").symlink_to(target)
+    (d / "f").write_text("f")
+    os.setxattr(d / "f", "user.mine", b"m")
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert layers.listxattr_at(fd, b"link") == []
+        with pytest.raises(OSError) as e:
+            layers.getxattr_at(fd, b"link", "user.secret")
+        assert e.value.errno == errno.ENODATA
+        assert layers.listxattr_at(fd, b"f") == ["user.mine"]
+        assert layers.getxattr_at(fd, b"f", "user.mine") == b"m"
+        with pytest.raises(OSError) as e:
+            layers.listxattr_at(fd, b"absent")
+        assert e.value.errno == errno.ENOENT
+        names = [f"user.{i:02d}" + "n" * 40 for i in range(30)]   # a list past 1 KiB
+        for n in names:
+            os.setxattr(d / "f", n, b"")
+        assert sorted(layers.listxattr_at(fd, b"f")) == sorted(names + ["user.mine"])
+    finally:
+        os.close(fd)
