@@ -178,6 +178,9 @@ def ensure_upper_dir(ov: Overlay, work: Workdir, node: Node) -> int:
     _restore_times(parent_fd, parent_st)
     node.layers = (UPPER,) + tuple(node.layers)
     ov.changed(node)
+    # the kernel cached the lower directory's attributes; now merged, it shows nlink 1 and
+    # the upper directory's size, as on the kernel overlay
+    ov.stale_attrs.append(node.ino)
     ov.refresh_entry(parent, node.name)
     fd = ov.dirfd(node, UPPER)
     # found by its upper copy from now on (a lookup after a rename must not make a second

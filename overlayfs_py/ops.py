@@ -96,7 +96,7 @@ def handler(fn):
                 self._drop_listings()
             if self.ov.pending_invalidations:
                 await self._flush_invalidations(name in _NO_DIR_LOCK)
-            if self._stale_attrs:
+            if self.ov.stale_attrs:
                 await self._flush_stale_attrs()
             if counts is not None:
                 counts.add(name, time.perf_counter_ns() - t0, time.thread_time_ns() - c0,
@@ -149,7 +149,6 @@ class Operations(pyfuse3.Operations):
         # files just linked, renamed or unlinked: the kernel flushes their cached times
         # with a SETATTR while it holds the directory's lock (see setattr)
         self._ns_changed: set = set()
-        self._stale_attrs: list = []       # inodes whose attributes the kernel must refetch
         self.seq = 0                       # +1 as each request begins and as it ends
         # (node, its xattr names, self.seq) listed by the last GETXATTR of
         # security.capability, for the LISTXATTR that usually follows it
@@ -250,7 +249,7 @@ class Operations(pyfuse3.Operations):
     async def _flush_stale_attrs(self) -> None:
         """Make the kernel fetch the attributes of these inodes again before the reply (no
         lock is needed for that, whatever the request holds)."""
-        pending, self._stale_attrs = self._stale_attrs, []
+        pending, self.ov.stale_attrs = self.ov.stale_attrs, []
         for ino in pending:
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
@@ -492,7 +491,7 @@ class Operations(pyfuse3.Operations):
             await self.cu.copy_up(node, data=not flags & os.O_TRUNC)
             if was_lower:
                 # the copy's ctime, not the lower's: no reply carries it to the kernel
-                self._stale_attrs.append(node.ino)
+                self.ov.stale_attrs.append(node.ino)
                 self._reload_ctime(node, wait=True)
         # a metadata-only copy reads its data from the lower layer that holds it
         dir_fd, name = self.ov.parent_fd(node, node.layers[-1])

@@ -102,6 +102,9 @@ class Overlay:
         # has the kernel drop those cached listings (Operations._drop_listings)
         self.listed_dirs: Set[int] = set()
         self.changed_dirs: List[int] = []
+        # inodes whose attributes the kernel cached and must fetch again before the reply
+        # (Operations._flush_stale_attrs)
+        self.stale_attrs: List[int] = []
         self.entry_timeout = config.timeout
         self.attr_timeout = config.timeout
         # directories by last use of their listing, oldest first (trim_candidates); kept
