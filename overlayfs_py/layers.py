@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import Optional
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -105,27 +106,34 @@ def _probe_at_calls() -> bool:
 _at_calls = [None]        # None: not probed yet; then whether the *xattrat calls work
 
 
-def listxattr_at(dir_fd: int, name: bytes) -> list:
-    """The xattr names (str) of ``name`` in ``dir_fd``, not following a symlink."""
+def _xattrat(call, size: int) -> Optional[bytes]:
+    """What ``call(buf, size)`` (a listxattrat or getxattrat syscall) writes into a buffer of
+    ``size`` bytes, asked again with the largest xattr size (64 KiB) on ERANGE; None where
+    the calls do not work, which turns them off for good (the callers then take the
+    O_PATH route)."""
     if _at_calls[0] is None:
         _at_calls[0] = _probe_at_calls()
-    if _at_calls[0]:
-        size = 1024
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = _listxattrat(_SYS_LISTXATTRAT, dir_fd, name, AT_SYMLINK_NOFOLLOW, buf, size)
-            if n >= 0:
-                if n == 0:
-                    return []
-                return [os.fsdecode(x) for x in buf.raw[:n].split(b"\0") if x]
-            e = ctypes.get_errno()
-            if e == errno.ERANGE and size < 65536:
-                size = 65536
-                continue
-            if e != errno.ENOSYS:
-                raise OSError(e, os.strerror(e))
-            _at_calls[0] = False
-            break
+    while _at_calls[0]:
+        buf = ctypes.create_string_buffer(size)
+        n = call(buf, size)
+        if n >= 0:
+            return buf.raw[:n]
+        e = ctypes.get_errno()
+        if e == errno.ERANGE and size < 65536:
+            size = 65536
+            continue
+        if e != errno.ENOSYS:
+            raise OSError(e, os.strerror(e))
+        _at_calls[0] = False
+    return None
+
+
+def listxattr_at(dir_fd: int, name: bytes) -> list:
+    """The xattr names (str) of ``name`` in ``dir_fd``, not following a symlink."""
+    raw = _xattrat(lambda buf, size: _listxattrat(_SYS_LISTXATTRAT, dir_fd, name,
+                                                  AT_SYMLINK_NOFOLLOW, buf, size), 1024)
+    if raw is not None:
+        return [os.fsdecode(x) for x in raw.split(b"\0") if x]
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
     try:
         return os.listxattr(proc_path(fd))
@@ -135,26 +143,15 @@ def listxattr_at(dir_fd: int, name: bytes) -> list:
 
 def getxattr_at(dir_fd: int, name: bytes, attr: str) -> bytes:
     """The value of xattr ``attr`` of ``name`` in ``dir_fd``, not following a symlink."""
-    if _at_calls[0] is None:
-        _at_calls[0] = _probe_at_calls()
-    if _at_calls[0]:
-        size = 4096
-        battr = os.fsencode(attr)
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            args = _XattrArgs(ctypes.addressof(buf), size, 0)
-            n = _getxattrat(_SYS_GETXATTRAT, dir_fd, name, AT_SYMLINK_NOFOLLOW, battr,
-                            ctypes.byref(args), _XATTR_ARGS_SIZE)
-            if n >= 0:
-                return buf.raw[:n]
-            e = ctypes.get_errno()
-            if e == errno.ERANGE and size < 65536:
-                size = 65536
-                continue
-            if e != errno.ENOSYS:
-                raise OSError(e, os.strerror(e))
-            _at_calls[0] = False
-            break
+    battr = os.fsencode(attr)
+
+    def call(buf, size):
+        args = _XattrArgs(ctypes.addressof(buf), size, 0)
+        return _getxattrat(_SYS_GETXATTRAT, dir_fd, name, AT_SYMLINK_NOFOLLOW, battr,
+                           ctypes.byref(args), _XATTR_ARGS_SIZE)
+    raw = _xattrat(call, 4096)
+    if raw is not None:
+        return raw
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
     try:
         return os.getxattr(proc_path(fd), attr)
