@@ -185,6 +185,14 @@ class LayerReader(io.RawIOBase):
             return False
         return True
 
+    def _available(self) -> int:
+        """How many bytes the buffer holds past ``_pos``, after a refill if it has none left;
+        0 at the end of the stream."""
+        avail = len(self._buf) - self._pos
+        if avail > 0:
+            return avail
+        return len(self._buf) if self._fill() else 0
+
     # -- optional read-ahead: the blob is read, hashed and decompressed in a thread (all of
     # which release the GIL) while the caller parses and writes what came before
     def start_prefetch(self, depth: int = 8) -> None:
@@ -262,11 +270,9 @@ class LayerReader(io.RawIOBase):
         out = []
         want = n
         while want > 0:
-            avail = len(self._buf) - self._pos
-            if avail <= 0:
-                if not self._fill():
-                    break
-                avail = len(self._buf)
+            avail = self._available()
+            if not avail:
+                break
             if self._pos == 0 and want >= avail:
                 piece = self._buf
                 self._pos = avail
@@ -282,11 +288,9 @@ class LayerReader(io.RawIOBase):
     def view(self, n: int) -> memoryview:
         """Up to ``n`` bytes (at least one, unless at the end) as a view of the buffer they
         are in: no copy. Valid as long as the caller holds it (the buffer is immutable)."""
-        avail = len(self._buf) - self._pos
-        if avail <= 0:
-            if not self._fill():
-                return memoryview(b"")
-            avail = len(self._buf)
+        avail = self._available()
+        if not avail:
+            return memoryview(b"")
         k = n if n < avail else avail
         pos = self._pos
         self._pos = pos + k
@@ -297,11 +301,9 @@ class LayerReader(io.RawIOBase):
         """Pass over ``n`` bytes without copying them; returns how many there were."""
         left = n
         while left > 0:
-            avail = len(self._buf) - self._pos
-            if avail <= 0:
-                if not self._fill():
-                    break
-                avail = len(self._buf)
+            avail = self._available()
+            if not avail:
+                break
             k = left if left < avail else avail
             self._pos += k
             left -= k
