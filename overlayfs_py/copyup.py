@@ -36,11 +36,12 @@ def is_metacopy(node: Node) -> bool:
 
 class Workdir:
     """``workdir/work``: the staging area (same layout as the kernel's, which cleans it too).
-    With index=on, ``workdir/index`` is the staging area, as for the kernel ("index dir will
-    act also as workdir"): a copy into the index is then one rename. ``index_fd``: its fd
-    (index.setup has removed the temporaries there; the entries stay)."""
+    It is made if missing and opened at once, so that the mount's xattr probe
+    (``xattrform.choose``) can use ``fd`` before the layers are opened; ``prepare`` then
+    cleans it. With index=on, ``workdir/index`` is the staging area, as for the kernel
+    ("index dir will act also as workdir"): a copy into the index is then one rename."""
 
-    def __init__(self, workdir: str, index_fd: Optional[int] = None):
+    def __init__(self, workdir: str):
         base = os.open(workdir, O_DIR)
         try:
             try:
@@ -51,6 +52,11 @@ class Workdir:
         finally:
             os.close(base)
         self._counter = itertools.count(1)
+
+    def prepare(self, index_fd: Optional[int] = None) -> None:
+        """Remove what a crash left in ``workdir/work``; with ``index_fd`` (index=on: the
+        index, whose temporaries index.setup has removed; the entries stay), stage there
+        from now on."""
         self.clean()
         if index_fd is not None:
             os.close(self.fd)

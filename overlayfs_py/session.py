@@ -176,24 +176,26 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
     os.umask(0)                      # modes come from the kernel, already masked
     check_fuse_device()
     _raise_nofile_limit()
-    if config.writable:
+    ov = work = None
+    try:
+        if config.writable:
+            try:
+                work = Workdir(config.work)
+                config = xattrform.choose(config, work.fd)
+            except OSError as e:
+                raise MountError(f"cannot prepare workdir {config.work!r}: {e.strerror}") \
+                    from None
+            except ConfigError as e:
+                raise MountError(str(e)) from None
         try:
-            config = xattrform.choose_at(config)
+            ov = Overlay(config)
         except OSError as e:
-            raise MountError(f"cannot prepare workdir {config.work!r}: {e.strerror}") from None
-        except ConfigError as e:
-            raise MountError(str(e)) from None
-    try:
-        ov = Overlay(config)
-    except OSError as e:
-        raise MountError(f"cannot open layer {e.filename!r}: {e.strerror}") from None
-    work = None
-    try:
+            raise MountError(f"cannot open layer {e.filename!r}: {e.strerror}") from None
         if config.writable:
             try:
                 if config.index:
                     ov.xindex = index.setup(config, ov.layers, config.work)
-                work = Workdir(config.work, ov.xindex.fd if ov.xindex else None)
+                work.prepare(ov.xindex.fd if ov.xindex else None)
             except index.IndexError_ as e:
                 raise MountError(f"index=on: {e}") from None
             except OSError as e:
@@ -226,6 +228,7 @@ def run(config: Config, on_ready: Optional[Callable[[], None]] = None) -> None:
                 ops.ns.close()
             pyfuse3.close(unmount=not _detached)
     finally:
-        ov.close()
+        if ov is not None:
+            ov.close()
         if work is not None:
             work.close()

@@ -45,25 +45,6 @@ def trusted_writable(work_fd: int) -> bool:
         os.unlink(name, dir_fd=work_fd)
 
 
-def choose_at(config: Config) -> Config:
-    """``choose``, probing in ``workdir/work`` (made if missing, as Workdir does; the
-    probe file is gone before this returns)."""
-    base = os.open(config.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            os.mkdir("work", 0o700, dir_fd=base)
-        except FileExistsError:
-            pass
-        fd = os.open("work", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=base)
-    finally:
-        os.close(base)
-    try:
-        return choose(config, fd)
-    finally:
-        os.close(fd)
-
-
 def choose(config: Config, work_fd: int) -> Config:
     """``config`` with ``userxattr`` set where trusted.* cannot be written on the upper
     layer (``work_fd``: the workdir's staging directory). Raises ConfigError for an
