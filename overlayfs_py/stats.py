@@ -7,7 +7,8 @@ the errors (FUSEError replies: ENOENT, ENODATA, ENOSYS...), the handler time (fr
 handler's entry to its return, the reply not included: wall and the thread's CPU, which
 other processes on the machine do not inflate) and the slowest one, plus a few
 details (which xattrs were asked for, negative lookups), the mount's timeline (start, INIT,
-first and last request, end, wall seconds) and the daemon's CPU time. With any other value
+first and last request, end, wall seconds), the daemon's CPU time, and what the idle
+worker's spin did (pyfuse3 patch 0013: hits, misses, how often it went off). With any other value
 (``1``, ``-``) the same goes to the log at INFO level (stderr in the foreground). Off, it
 costs nothing but one attribute test per request.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -61,6 +63,8 @@ class Stats:
     def report(self) -> dict:
         end = time.time()
         t = os.times()
+        pyfuse3 = sys.modules.get("pyfuse3")        # loaded by now; a stock one has no spin
+        spin_stats = getattr(pyfuse3, "poll_spin_stats", None)
         ops = {name: {"count": c, "errors": e, "ms": round(ns / 1e6, 3),
                       "us_each": round(ns / c / 1e3, 1), "max_ms": round(mx / 1e6, 3),
                       "cpu_ms": round(cpu / 1e6, 3), "cpu_us_each": round(cpu / c / 1e3, 1)}
@@ -75,6 +79,7 @@ class Stats:
             "handler_ms": round(sum(r[2] for r in self.ops.values()) / 1e6, 3),
             "handler_cpu_ms": round(sum(r[4] for r in self.ops.values()) / 1e6, 3),
             "ops": ops, "detail": dict(sorted(self.detail.items(), key=lambda kv: -kv[1])),
+            "spin": spin_stats() if spin_stats else None,
         }
 
     def dump(self) -> None:

@@ -302,3 +302,50 @@ def test_request_statistics_at_unmount(make_layers, tmp_path):
     assert rep["requests"] == sum(o["count"] for o in ops.values())
     assert rep["start"] <= rep["init"] <= rep["first_request"] <= rep["last_request"] <= rep["end"]
     assert rep["mountpoint"] == str(tmp_path / "mnt") and rep["layers"] == 2
+
+
+def _spin_stats_after(make_layers, tmp_path, options, client) -> dict:
+    """Mount with OVERLAYFS_PY_STATS, run ``client(path_of_a_file)``, unmount, and return
+    what the idle worker's spin did (stats.py: pyfuse3's poll_spin_stats())."""
+    import json
+    import sys
+    import layerkit
+    stack = make_layers({"f": "x"})
+    out = tmp_path / "stats"
+    (tmp_path / "mnt").mkdir()
+    env = dict(os.environ, OVERLAYFS_PY_STATS=str(out))
+    with layerkit.fuse_mount(f"{sys.executable} -m overlayfs_py", stack.lowers, stack.upper,
+                             stack.work, tmp_path / "mnt", env=env, options=options) as m:
+        client(os.path.join(m.path, "f"))
+    (path,) = out.glob("stats-*.json")
+    return json.loads(path.read_text())["spin"]
+
+
+def _getxattrs(path: str, n: int, gap: float) -> None:
+    for _ in range(n):
+        try:
+            os.getxattr(path, "security.capability")      # always a request: no xattr cache
+        except OSError:
+            pass
+        time.sleep(gap)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spin is off on one CPU")
+def test_spin_stops_while_it_finds_no_request_and_resumes_when_it_does(make_layers, tmp_path):
+    """pyfuse3 patch 0013: a spin that ends without a request only costs CPU (a client that
+    pauses between requests, or one that takes turns between two mounts), so after four in
+    a row the worker stops spinning; after 32 idles it spins again (a probe, doubling while
+    probes find nothing), and a request caught keeps it on. A 10 ms spin makes the client's
+    pace easy to set: 25 ms between requests is too slow for it, 1 ms is within it. With the
+    fixed spin of patch 0004 every slow request would end in an empty spin."""
+    _patched_pyfuse3(level=13)
+
+    def client(path):
+        _getxattrs(path, 40, 0.025)     # 4 empty spins, off; probe at 32 idles, 4 more
+        _getxattrs(path, 100, 0.001)    # the next probe (after 64 idles) catches one
+    spin = _spin_stats_after(make_layers, tmp_path, ("spin_us=10000",), client)
+    mount_noise = 6                     # INIT, the first lookups and the unmount's requests
+    assert spin["offs"] >= 2, spin
+    assert spin["misses"] <= 8 + mount_noise, spin
+    assert spin["skips"] >= 32 + 64 - 8 - mount_noise, spin
+    assert spin["hits"] >= 20 and not spin["off"], spin
