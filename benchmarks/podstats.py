@@ -69,13 +69,21 @@ def main(argv=None):
     for name, (c, e, ms, cms) in sorted(total.items(), key=lambda kv: -kv[1][2]):
         print(f"{name:16s} {c:8d} {e:7d} {ms:9.1f} {ms * 1000 / c:8.1f} {cms:9.1f} "
               f"{cms * 1000 / c:7.1f}")
+    spin = {}
+    for r in runs:
+        for k, v in (r.get("spin") or {}).items():
+            if k != "off":
+                spin[k] = spin.get(k, 0) + v
+    if spin:
+        print("\nidle worker's spin (pyfuse3 patch 0013): " +
+              ", ".join(f"{k} {v}" for k, v in spin.items()))
     if detail:
         print("\n" + "\n".join(f"{k:40s} {v:8d}" for k, v in
                                sorted(detail.items(), key=lambda kv: -kv[1])))
     if a.json:
         print(json.dumps({"mounts": len(runs), "requests": n, "handler_s": hdl,
                           "handler_cpu_s": hcpu, "cpu_s": cpu,
-                          "ops": total, "detail": detail}))
+                          "ops": total, "detail": detail, "spin": spin}))
     return 0
 
 
