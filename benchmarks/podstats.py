@@ -72,8 +72,7 @@ def main(argv=None):
     spin = {}
     for r in runs:
         for k, v in (r.get("spin") or {}).items():
-            if k != "off":
-                spin[k] = spin.get(k, 0) + v
+            spin[k] = spin.get(k, 0) + v
     if spin:
         print("\nidle worker's spin (pyfuse3 patch 0013): " +
               ", ".join(f"{k} {v}" for k, v in spin.items()))

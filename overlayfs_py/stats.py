@@ -8,7 +8,7 @@ handler's entry to its return, the reply not included: wall and the thread's CPU
 other processes on the machine do not inflate) and the slowest one, plus a few
 details (which xattrs were asked for, negative lookups), the mount's timeline (start, INIT,
 first and last request, end, wall seconds), the daemon's CPU time, and what the idle
-worker's spin did (pyfuse3 patch 0013: hits, misses, how often it went off). With any other value
+worker's spin did (pyfuse3 patch 0013: hits and misses). With any other value
 (``1``, ``-``) the same goes to the log at INFO level (stderr in the foreground). Off, it
 costs nothing but one attribute test per request.
 
