@@ -386,7 +386,7 @@ def _feed_half(path: Path, blob: bytes, done: threading.Event):
         fd = os.open(path, os.O_WRONLY)
         try:
             os.write(fd, blob[:len(blob) // 2])
-            done.wait(60)
+            done.wait(120)
         finally:
             os.close(fd)
     t = threading.Thread(target=run, daemon=True)
@@ -406,6 +406,22 @@ def _wait_for_partial_layer(store: Path, proc) -> None:
     raise AssertionError("the unpack did not start")
 
 
+def _where(pid: int) -> str:
+    """Where a process that does not exit waits: each thread's kernel wait channel and
+    system call (for the failure message)."""
+    out = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        parts = []
+        for field in ("comm", "wchan", "syscall"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{field}") as f:
+                    parts.append(f.read().strip()[:60])
+            except OSError as e:
+                parts.append(f"({e.strerror})")
+        out.append(f"thread {tid}: " + " | ".join(parts))
+    return "; ".join(out)
+
+
 @pytest.mark.parametrize("how", ["kill", "interrupt"])
 def test_interrupted_unpack_leaves_nothing_complete(tmp_path, how):
     lay, built, fifo, blob = _fifo_image(tmp_path)
@@ -418,13 +434,17 @@ def test_interrupted_unpack_leaves_nothing_complete(tmp_path, how):
     try:
         _wait_for_partial_layer(store, proc)
         proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
-        out, errs = proc.communicate(timeout=30)
+        try:
+            out, errs = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit 60 s after the signal; {_where(proc.pid)}")
     finally:
         done.set()
         feeder.join(10)
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()          # reaps it and closes the pipes (else: ResourceWarnings
+                                    # that fail whichever test runs the garbage collector)
     assert stored_layers(store) == []
     if how == "interrupt":
         assert proc.returncode == 130, errs
