@@ -428,9 +428,13 @@ def test_interrupted_unpack_leaves_nothing_complete(tmp_path, how):
     store = tmp_path / "store"
     done = threading.Event()
     feeder = _feed_half(fifo, blob, done)
+    # SIGINT as at a terminal: a shell without job control starts background commands with
+    # SIGINT ignored, Python then installs no KeyboardInterrupt handler, and a `make test &`
+    # hung here in the read of the blob
     proc = subprocess.Popen([sys.executable, "-m", "overlayfs_py", "image", "unpack",
                              f"{lay.root}:t", "--store", str(store)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_partial_layer(store, proc)
         proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
