@@ -264,34 +264,48 @@ def _assert_exits_cleanly(m) -> None:
     assert not os.path.ismount(wk.mp(m))
 
 
+def _stats_of_a_mount(stack, tmp_path, client, options=()) -> dict:
+    """Mount ``stack`` with OVERLAYFS_PY_STATS, run ``client(mountpoint)``, unmount, and
+    return the statistics the daemon wrote (stats.py), checking they are its own file."""
+    import json
+    import sys
+    import layerkit
+    out = tmp_path / "stats"
+    (tmp_path / "mnt").mkdir()
+    env = dict(os.environ, OVERLAYFS_PY_STATS=str(out))
+    with layerkit.fuse_mount(f"{sys.executable} -m overlayfs_py", stack.lowers, stack.upper,
+                             stack.work, tmp_path / "mnt", env=env, options=options) as m:
+        client(m.path)
+        pid = m.proc.pid
+    (path,) = out.glob("stats-*.json")
+    assert path.name == f"stats-{pid}.json"
+    return json.loads(path.read_text())
+
+
+def _getxattrs(path: str, n: int, gap: float) -> None:
+    for _ in range(n):
+        try:
+            os.getxattr(path, "security.capability")      # always a request: no xattr cache
+        except OSError:
+            pass
+        time.sleep(gap)
+
+
 def test_request_statistics_at_unmount(make_layers, tmp_path):
     """OVERLAYFS_PY_STATS=DIR: the daemon writes its per-request-type counts at unmount
     (overlayfs_py/stats.py), and they count what was asked."""
     fuse_only("the daemon's own statistics")
     if wk.is_fuse_overlayfs():
         pytest.skip("overlayfs-py's statistics")
-    import json
-    import sys
-    import layerkit
-    stack = make_layers({"d/f": "x", "d/g": "y"}, upper=True)
-    out = tmp_path / "stats"
-    env = dict(os.environ, OVERLAYFS_PY_STATS=str(out))
-    (tmp_path / "mnt").mkdir()
-    with layerkit.fuse_mount(f"{sys.executable} -m overlayfs_py", stack.lowers, stack.upper,
-                             stack.work, tmp_path / "mnt", env=env) as m:
-        d = os.path.join(m.path, "d")
-        for _ in range(3):
-            try:
-                os.getxattr(os.path.join(d, "f"), "security.capability")
-            except OSError:
-                pass
+
+    def client(mnt):
+        d = os.path.join(mnt, "d")
+        _getxattrs(os.path.join(d, "f"), 3, 0)
         assert sorted(os.listdir(d)) == ["f", "g"]
         with open(os.path.join(d, "new"), "w") as f:
             f.write("z")
-        pid = m.proc.pid
-    (path,) = out.glob("stats-*.json")
-    assert path.name == f"stats-{pid}.json"
-    rep = json.loads(path.read_text())
+    stack = make_layers({"d/f": "x", "d/g": "y"}, upper=True)
+    rep = _stats_of_a_mount(stack, tmp_path, client)
     ops = rep["ops"]
     # every probe is a request (FUSE caches no xattrs), and so is the kernel's own before
     # the write
@@ -304,32 +318,6 @@ def test_request_statistics_at_unmount(make_layers, tmp_path):
     assert rep["mountpoint"] == str(tmp_path / "mnt") and rep["layers"] == 2
 
 
-def _spin_stats_after(make_layers, tmp_path, options, client) -> dict:
-    """Mount with OVERLAYFS_PY_STATS, run ``client(path_of_a_file)``, unmount, and return
-    what the idle worker's spin did (stats.py: pyfuse3's poll_spin_stats())."""
-    import json
-    import sys
-    import layerkit
-    stack = make_layers({"f": "x"})
-    out = tmp_path / "stats"
-    (tmp_path / "mnt").mkdir()
-    env = dict(os.environ, OVERLAYFS_PY_STATS=str(out))
-    with layerkit.fuse_mount(f"{sys.executable} -m overlayfs_py", stack.lowers, stack.upper,
-                             stack.work, tmp_path / "mnt", env=env, options=options) as m:
-        client(os.path.join(m.path, "f"))
-    (path,) = out.glob("stats-*.json")
-    return json.loads(path.read_text())["spin"]
-
-
-def _getxattrs(path: str, n: int, gap: float) -> None:
-    for _ in range(n):
-        try:
-            os.getxattr(path, "security.capability")      # always a request: no xattr cache
-        except OSError:
-            pass
-        time.sleep(gap)
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spin is off on one CPU")
 def test_spin_statistics_count_hits_and_misses(make_layers, tmp_path):
     """pyfuse3 patch 0013: OVERLAYFS_PY_STATS says what the idle worker's spin did. A 10 ms
@@ -337,10 +325,11 @@ def test_spin_statistics_count_hits_and_misses(make_layers, tmp_path):
     miss each), 1 ms is within it (a hit each)."""
     _patched_pyfuse3(level=13)
 
-    def client(path):
-        _getxattrs(path, 20, 0.025)
-        _getxattrs(path, 100, 0.001)
-    spin = _spin_stats_after(make_layers, tmp_path, ("spin_us=10000",), client)
+    def client(mnt):
+        _getxattrs(os.path.join(mnt, "f"), 20, 0.025)
+        _getxattrs(os.path.join(mnt, "f"), 100, 0.001)
+    spin = _stats_of_a_mount(make_layers({"f": "x"}), tmp_path, client,
+                             ("spin_us=10000",))["spin"]
     mount_noise = 6                     # INIT, the first lookups and the unmount's requests
     assert 20 - mount_noise <= spin["misses"] <= 20 + mount_noise, spin
     assert spin["hits"] >= 100 - mount_noise, spin
